@@ -70,7 +70,7 @@ pytest: venv collection helm model ## Unit and integration tests (real Docker, n
 	$(BIN)/pytest
 
 molecule: venv collection helm ## The molecule scenarios (local target; the cluster one needs KUBECONFIG)
-	cd molecule && for s in default kubernetes; do $(BIN)/molecule test -s $$s || exit 1; done
+	for s in default kubernetes; do $(BIN)/molecule test -s $$s || exit 1; done
 
 test: lint sanity pytest molecule ## Every test: what CI runs
 

@@ -123,7 +123,6 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     backend = Backend(args.model, free_port(), work / "backend.log")
     gateway = Gateway(work / "gateway", upstream_port=backend.port, listen_port=free_port())
-    gateway.root.mkdir(parents=True)
     write_keys(gateway.keys_file, [KEY, "sk-llmpods-other-key"])
     gateway.render(run_playbook)
     backend.start()

