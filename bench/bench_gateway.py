@@ -140,6 +140,7 @@ def main() -> int:
         g = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 8, auth)
         assert d["non2xx"] == 0 and g["non2xx"] == 0, (d, g)
 
+        ceiling = wrk(f"{through}/healthz", args.seconds, 32)  # nginx alone, no log: this machine's ceiling
         nokey = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 32)
         badkey = wrk(f"{through}/{MODEL_NAME}/v1/models", args.seconds, 32, ["Authorization: Bearer sk-wrong"])
         assert nokey["non2xx"] == nokey["total"] and badkey["non2xx"] == badkey["total"]
@@ -172,6 +173,7 @@ def main() -> int:
             f"+{g['p99_ms'] - d['p99_ms']:.2f} ms",
             "",
         ),
+        ("nginx alone, GET /healthz req/s (32)", "", f"{ceiling['rps']:.0f}", "", "(ceiling)"),
         ("401 req/s, no key (32 conns)", "", f"{nokey['rps']:.0f}", "", ">= 50000"),
         ("401 req/s, wrong key (32 conns)", "", f"{badkey['rps']:.0f}", "", ">= 50000"),
         (
