@@ -5,7 +5,8 @@
 - cold build time (no layer cache) and the time of a rebuild with nothing changed;
 - container start until the model is listed on /v1/models;
 - generation speed in the container against the same llama-cpp-python on the host (same model,
-  threads, prompt, temperature 0, token budget), and the ratio (goal: at least 0.95).
+  threads, prompt, temperature 0, token budget), and the ratio (goal: at least 0.95): once through the
+  server (the image against the checkout's llmpods_server on the host) and once calling llama_cpp directly.
 
 Run from the checkout after `make venv collection model`:  .venv/bin/python bench/bench_image.py [--skip-cold]
 """
@@ -98,7 +99,7 @@ def apply_role() -> None:
 
 def docker_build(tag: str, *, target: str | None = None, nocache: bool = False) -> float:
     """Seconds for a legacy-builder build of the staged context (never pulling)."""
-    cmd = ["docker", "build", "--pull=false", "-q", "-f", f"{TARGET}.Dockerfile", "-t", tag]
+    cmd = ["docker", "build", "--pull=false", "-q", "-f", str(CONTEXT / f"{TARGET}.Dockerfile"), "-t", tag]
     cmd += ["--build-arg", f"LLAMA_CPP_PYTHON_VERSION={VERSION}"]
     if target:
         cmd += ["--target", target]
@@ -110,58 +111,104 @@ def docker_build(tag: str, *, target: str | None = None, nocache: bool = False) 
     return time.monotonic() - start
 
 
-def container_figures(threads: int, max_tokens: int, runs: int) -> tuple[float, list[float], int]:
-    """(seconds from `docker run` to the model listed, tokens/s per run, tokens per run)."""
-    port = free_port()
+def wait_listed(url: str, alias: str, start: float, alive) -> float:
+    """Seconds from ``start`` until ``alias`` is listed on ``url``/v1/models."""
+    while True:
+        try:
+            listed = requests.get(f"{url}/v1/models", timeout=5).json()
+            if any(m["id"] == alias for m in listed.get("data", [])):
+                return time.monotonic() - start
+        except (requests.ConnectionError, json.JSONDecodeError):
+            pass
+        if time.monotonic() - start > 180 or not alive():
+            sys.exit(f"{alias} was not listed on {url}")
+        time.sleep(0.05)
+
+
+def speed_figures(threads: int, max_tokens: int, runs: int) -> tuple[float, list[float], list[float], int]:
+    """Container start until the model is listed, then tokens/s in the container and on the host.
+
+    Both sides are the same server (llama-cpp-python's app with its own defaults, e.g. logits_all), fed the
+    same request over HTTP: the image in Docker, and the checkout's llmpods_server on the venv's
+    llama-cpp-python. They take turns, run by run, so that other load on the machine weighs on both alike.
+    """
+    env = {"MODEL_ALIAS": "bench", "N_THREADS": str(threads), "N_CTX": "2048"}
+    port, host_port = free_port(), free_port()
     name = f"llmpods-bench-{port}"
+    host_env = dict(
+        os.environ, **env, MODEL=str(MODEL), HOST="127.0.0.1", PORT=str(host_port),
+        PYTHONPATH=str(ROOT / "files" / "docker"), PYTHONDONTWRITEBYTECODE="1",
+    )  # fmt: skip
+    host = subprocess.Popen(
+        [sys.executable, "-m", "llmpods_server"], env=host_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    flags = [item for key, value in env.items() for item in ("-e", f"{key}={value}")]
     start = time.monotonic()
     sh(
         "docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
-        "-v", f"{MODEL.parent}:/models:ro", "-e", f"MODEL=/models/{MODEL.name}", "-e", "MODEL_ALIAS=bench",
-        "-e", f"N_THREADS={threads}", "-e", "N_CTX=2048", IMAGE,
+        "-v", f"{MODEL.parent}:/models:ro", "-e", f"MODEL=/models/{MODEL.name}", *flags, IMAGE,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    box_url, host_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{host_port}"
     try:
-        while True:
-            try:
-                listed = requests.get(f"{url}/v1/models", timeout=5).json()
-                if any(m["id"] == "bench" for m in listed.get("data", [])):
-                    break
-            except (requests.ConnectionError, json.JSONDecodeError):
-                pass
-            if time.monotonic() - start > 180:
-                sys.exit("the model was not listed within 180 s")
-            time.sleep(0.05)
-        ready = time.monotonic() - start
+
+        def box_alive() -> bool:
+            return sh("docker", "inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true"
+
+        ready = wait_listed(box_url, "bench", start, box_alive)
+        wait_listed(host_url, "bench", time.monotonic(), lambda: host.poll() is None)
         body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-        requests.post(f"{url}/v1/completions", json={**body, "max_tokens": 8}, timeout=300)  # warm-up
-        rates, tokens = [], 0
-        for _ in range(runs):
+
+        def rate(url: str) -> tuple[float, int]:
             t0 = time.monotonic()
             answer = requests.post(f"{url}/v1/completions", json=body, timeout=300).json()
-            elapsed = time.monotonic() - t0
             tokens = answer["usage"]["completion_tokens"]
-            rates.append(tokens / elapsed)
-        return ready, rates, tokens
+            return tokens / (time.monotonic() - t0), tokens
+
+        rate(box_url)  # warm-up, both sides
+        rate(host_url)
+        box_rates, host_rates, tokens = [], [], 0
+        for _ in range(runs):
+            box_rate, tokens = rate(box_url)
+            host_rate, _ = rate(host_url)
+            box_rates.append(box_rate)
+            host_rates.append(host_rate)
+        return ready, box_rates, host_rates, tokens
     finally:
         sh("docker", "rm", "-f", name, check=False)
+        host.terminate()
+        host.wait(timeout=30)
 
 
-def host_figures(threads: int, max_tokens: int, runs: int) -> tuple[list[float], int]:
-    import llama_cpp
+# The same generation loop, run by the container's python and by the host's: no server, no HTTP.
+LIBRARY_LOOP = """
+import sys, time, llama_cpp
+model, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llama = llama_cpp.Llama(model_path=model, n_ctx=2048, n_threads=threads, logits_all=True, verbose=False)
+llama.create_completion(prompt, max_tokens=8, temperature=0)
+llama.reset()
+start = time.monotonic()
+answer = llama.create_completion(prompt, max_tokens=tokens, temperature=0)
+print(answer["usage"]["completion_tokens"] / (time.monotonic() - start))
+"""
 
-    llama = llama_cpp.Llama(model_path=str(MODEL), n_ctx=2048, n_threads=threads, verbose=False)
-    llama.create_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up
-    rates, tokens = [], 0
+
+def library_figures(threads: int, max_tokens: int, runs: int) -> tuple[list[float], list[float]]:
+    """tokens/s of llama_cpp called directly, in the image and on the host, taking turns."""
+    args = [str(threads), str(max_tokens), PROMPT]
+    box_cmd = [
+        "docker", "run", "--rm", "-v", f"{MODEL.parent}:/models:ro", "--entrypoint", "python3", IMAGE,
+        "-c", LIBRARY_LOOP, f"/models/{MODEL.name}", *args,
+    ]  # fmt: skip
+    host_cmd = [sys.executable, "-c", LIBRARY_LOOP, str(MODEL), *args]
+    box, host = [], []
     for _ in range(runs):
-        llama.reset()
-        t0 = time.monotonic()
-        answer = llama.create_completion(PROMPT, max_tokens=max_tokens, temperature=0)
-        elapsed = time.monotonic() - t0
-        tokens = answer["usage"]["completion_tokens"]
-        rates.append(tokens / elapsed)
-    del llama
-    return rates, tokens
+        box.append(float(sh(*box_cmd).stdout.split()[-1]))
+        host.append(float(sh(*host_cmd).stdout.split()[-1]))
+    return box, host
+
+
+def _runs(values: list[float]) -> str:
+    return "runs: " + " ".join(f"{v:.1f}" for v in values)
 
 
 def main() -> None:
@@ -189,9 +236,11 @@ def main() -> None:
     warm = docker_build(cold_tag)
     sh("docker", "rmi", cold_tag, check=False)
 
-    ready, box_rates, box_tokens = container_figures(args.threads, args.tokens, args.runs)
-    host_rates, host_tokens = host_figures(args.threads, args.tokens, args.runs)
+    ready, box_rates, host_rates, tokens = speed_figures(args.threads, args.tokens, args.runs)
     box, host = statistics.median(box_rates), statistics.median(host_rates)
+    ratios = [b / h for b, h in zip(box_rates, host_rates, strict=True)]
+    lib_box, lib_host = library_figures(args.threads, args.tokens, args.runs)
+    lib_ratios = [b / h for b, h in zip(lib_box, lib_host, strict=True)]
 
     rows = [
         ("image", IMAGE, ""),
@@ -202,9 +251,12 @@ def main() -> None:
         ("rebuild, nothing changed", f"{warm:.1f} s", ""),
         ("  ratio cold / rebuild", f"{cold / warm:.0f}x" if cold is not None else "-", ""),
         ("container start -> model listed", f"{ready:.1f} s", ""),
-        (f"tokens/s in container ({box_tokens} tok, {args.threads} threads)", f"{box:.1f}", str(box_rates)),
-        (f"tokens/s on host ({host_tokens} tok, {args.threads} threads)", f"{host:.1f}", str(host_rates)),
-        ("  ratio container / host", f"{box / host:.3f}", "goal >= 0.95"),
+        (f"tokens/s in container, median ({tokens} tok, {args.threads} threads)", f"{box:.1f}", _runs(box_rates)),
+        (f"tokens/s on host, median ({tokens} tok, {args.threads} threads)", f"{host:.1f}", _runs(host_rates)),
+        ("  ratio container / host (median of paired runs)", f"{statistics.median(ratios):.3f}", "goal >= 0.95"),
+        ("tokens/s, llama_cpp called directly, in the image", f"{statistics.median(lib_box):.1f}", _runs(lib_box)),
+        ("tokens/s, llama_cpp called directly, on the host", f"{statistics.median(lib_host):.1f}", _runs(lib_host)),
+        ("  ratio image / host (median of paired runs)", f"{statistics.median(lib_ratios):.3f}", "goal >= 0.95"),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value, note in rows:
