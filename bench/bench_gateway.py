@@ -147,7 +147,7 @@ def main() -> int:
 
         first_direct, first_gateway = [], []
         first_token_ms(backend.port, "/v1/chat/completions", {})
-        for _ in range(args.samples):  # interleaved, so drift hits both sides alike
+        for _unused in range(args.samples):  # interleaved, so drift hits both sides alike
             first_direct.append(first_token_ms(backend.port, "/v1/chat/completions", {}))
             first_gateway.append(
                 first_token_ms(gateway.port, f"/{MODEL_NAME}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"})

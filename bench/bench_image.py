@@ -167,9 +167,9 @@ def speed_figures(threads: int, max_tokens: int, runs: int) -> tuple[float, list
         rate(box_url)  # warm-up, both sides
         rate(host_url)
         box_rates, host_rates, tokens = [], [], 0
-        for _ in range(runs):
+        for _unused in range(runs):
             box_rate, tokens = rate(box_url)
-            host_rate, _ = rate(host_url)
+            host_rate, _unused = rate(host_url)
             box_rates.append(box_rate)
             host_rates.append(host_rate)
         return ready, box_rates, host_rates, tokens
@@ -201,7 +201,7 @@ def library_figures(threads: int, max_tokens: int, runs: int) -> tuple[list[floa
     ]  # fmt: skip
     host_cmd = [sys.executable, "-c", LIBRARY_LOOP, str(MODEL), *args]
     box, host = [], []
-    for _ in range(runs):
+    for _unused in range(runs):
         box.append(float(sh(*box_cmd).stdout.split()[-1]))
         host.append(float(sh(*host_cmd).stdout.split()[-1]))
     return box, host

@@ -180,7 +180,7 @@ class Gateway:
                 self.proc.wait()
 
     def alive(self, timeout: float = 10) -> tuple[int, dict]:
-        status, _, body = request(self.port, "GET", "/alive", timeout=timeout)
+        status, _unused, body = request(self.port, "GET", "/alive", timeout=timeout)
         return status, json.loads(body)
 
 

@@ -184,12 +184,12 @@ def test_key_in_the_query_string_is_refused_and_not_logged(gateway: Gateway, bac
 
 def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     for key in (KEY_A, KEY_B):
-        status, _, body = request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer(key))
+        status, _unused, body = request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer(key))
         assert status == 200, body
         assert MODEL_NAME in [m["id"] for m in json.loads(body)["data"]]
 
     messages = [{"role": "user", "content": "Say hello."}]
-    status, _, body = request(
+    status, _unused, body = request(
         gateway.port,
         "POST",
         f"/{MODEL_NAME}/v1/chat/completions",
@@ -201,7 +201,7 @@ def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     assert chat["choices"][0]["message"]["content"]
     prompt_tokens = chat["usage"]["prompt_tokens"]
 
-    status, _, body = request(
+    status, _unused, body = request(
         gateway.port,
         "POST",
         f"/{MODEL_NAME}/v1/completions",
@@ -211,14 +211,14 @@ def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     assert status == 200, body
     assert json.loads(body)["choices"][0]["text"]
 
-    status, _, body = request(
+    status, _unused, body = request(
         gateway.port, "POST", f"/{MODEL_NAME}/extras/tokenize", headers=bearer(KEY_A), body={"input": "hello world"}
     )
     assert status == 200, body
     tokens = json.loads(body)["tokens"]
     assert tokens
 
-    status, _, body = request(
+    status, _unused, body = request(
         gateway.port,
         "POST",
         f"/{MODEL_NAME}/extras/tokenize/count",
@@ -228,7 +228,7 @@ def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     assert status == 200, body
     assert json.loads(body)["count"] == len(tokens)
 
-    status, _, body = request(
+    status, _unused, body = request(
         gateway.port, "POST", "/extras/tokenize/count", headers=bearer(KEY_A), body={"messages": messages}
     )
     if status == 200:  # the project's server counts whole chat requests; plain llama-cpp-python answers 422
@@ -291,7 +291,7 @@ def stream(port: int, path: str, body: dict, key: str = KEY_A, on_first=None) ->
 )
 def test_routing(recorded, sent: str, forwarded: str) -> None:
     gw, upstream = recorded
-    status, _, _ = request(gw.port, "GET", sent, headers=bearer(KEY_A))
+    status, _unused, _unused = request(gw.port, "GET", sent, headers=bearer(KEY_A))
     assert status == 200
     assert upstream.seen[-1]["path"] == forwarded
 
@@ -301,13 +301,15 @@ def test_routing(recorded, sent: str, forwarded: str) -> None:
 )
 def test_routing_to_the_real_backend(gateway: Gateway, path: str) -> None:
     method, body = ("POST", {"input": "hi"}) if "tokenize" in path else ("GET", None)
-    status, _, payload = request(gateway.port, method, path, headers=bearer(KEY_A), body=body)
+    status, _unused, payload = request(gateway.port, method, path, headers=bearer(KEY_A), body=body)
     assert status == 200, payload
 
 
 def test_authorization_is_neither_forwarded_nor_logged(recorded) -> None:
     gw, upstream = recorded
-    status, _, _ = request(gw.port, "POST", f"/{MODEL_NAME}/v1/chat/completions", headers=bearer(KEY_A), body={})
+    status, _unused, _unused = request(
+        gw.port, "POST", f"/{MODEL_NAME}/v1/chat/completions", headers=bearer(KEY_A), body={}
+    )
     assert status == 200
     headers = upstream.seen[-1]["headers"]
     assert "authorization" not in headers
@@ -322,11 +324,13 @@ def test_authorization_is_neither_forwarded_nor_logged(recorded) -> None:
 
 
 def test_server_version_is_not_disclosed_and_body_size_is_limited(recorded) -> None:
-    gw, _ = recorded
-    _, headers, _ = request(gw.port, "GET", "/healthz")
+    gw, _unused = recorded
+    _unused, headers, _unused = request(gw.port, "GET", "/healthz")
     assert headers["server"] == "nginx"
     big = {"prompt": "x" * (11 * 1024 * 1024)}
-    status, _, _ = request(gw.port, "POST", f"/{MODEL_NAME}/v1/completions", headers=bearer(KEY_A), body=big)
+    status, _unused, _unused = request(
+        gw.port, "POST", f"/{MODEL_NAME}/v1/completions", headers=bearer(KEY_A), body=big
+    )
     assert status == 413
 
 
@@ -334,7 +338,7 @@ def test_server_version_is_not_disclosed_and_body_size_is_limited(recorded) -> N
 
 
 def test_keys_rotate_without_reload(recorded) -> None:
-    gw, _ = recorded
+    gw, _unused = recorded
     master = gw.proc.pid
     key_c = "sk-llmpods-" + uuid.uuid4().hex
     assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(key_c)))
@@ -356,8 +360,8 @@ def test_keys_rotate_without_reload(recorded) -> None:
 
 
 def test_healthz_needs_neither_key_nor_model(recorded) -> None:
-    gw, _ = recorded
-    status, _, body = request(gw.port, "GET", "/healthz")
+    gw, _unused = recorded
+    status, _unused, body = request(gw.port, "GET", "/healthz")
     assert status == 200
     assert json.loads(body) == {"status": "ok"}
 
@@ -392,8 +396,8 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
     thread.join()
 
     assert len(answers) >= 3, f"readiness was checked while the stream ran: {answers}"
-    assert all(status == 200 for status, _, _ in answers), answers
-    slowest = max(elapsed for _, elapsed, _ in answers)
+    assert all(status == 200 for status, _unused, _unused in answers), answers
+    slowest = max(elapsed for _unused, elapsed, _unused in answers)
     assert slowest < 1.0, f"slowest readiness answer during the stream: {slowest:.3f} s"
     chunks = result["chunks"]
     assert result["done"]
@@ -444,7 +448,7 @@ def test_readiness_stays_503_for_a_model_the_backend_does_not_serve(
     gw.render(run_playbook)
     gw.start()
     try:
-        for _ in range(5):
+        for _unused in range(5):
             status, body = gw.alive()
             assert status == 503
             assert body["status"] == "model_not_listed"
@@ -455,7 +459,7 @@ def test_readiness_stays_503_for_a_model_the_backend_does_not_serve(
 
 
 def test_readiness_is_503_without_keys(recorded) -> None:
-    gw, _ = recorded
+    gw, _unused = recorded
     write_keys(gw.keys_file, [])
     try:
         status, body = gw.alive()
@@ -524,7 +528,7 @@ def test_image_runs_the_rendered_config_as_uid_10002(gateway_image: str, backend
     try:
         wait_for(lambda: request(listen, "GET", "/healthz", timeout=2)[0] == 200, 20, what="container /healthz")
         wait_for(lambda: request(listen, "GET", "/alive", timeout=5)[0] == 200, 30, what="container /alive")
-        status, _, body = request(listen, "GET", f"/{MODEL_NAME}/v1/models/", headers=bearer(KEY_A))
+        status, _unused, body = request(listen, "GET", f"/{MODEL_NAME}/v1/models/", headers=bearer(KEY_A))
         assert status == 200, body
         assert_unauthorized(*request(listen, "GET", f"/{MODEL_NAME}/v1/models"))
         top = subprocess.run(["docker", "top", name], capture_output=True, text=True, check=True)

@@ -297,7 +297,7 @@ def test_health_probe_does_not_interrupt_a_stream(server: str) -> None:
         streaming = pool.submit(stream_chat, server, LONG_ANSWER, 48)
         time.sleep(0.5)
         probe = requests.get(f"{server}/v1/models", timeout=300)
-        _, chunks, finish = streaming.result()
+        _unused, chunks, finish = streaming.result()
     assert probe.ok
     assert (chunks, finish) == (48, "length")
 
@@ -323,7 +323,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     )
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for _ in range(50):
+        for _unused in range(50):
             try:
                 if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).ok:
                     break

@@ -151,7 +151,7 @@ def test_every_value_is_documented() -> None:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, match.group(2)))
-        keys = [key for _, key in stack]
+        keys = [key for _unused, key in stack]
         value = data
         for key in keys:
             value = value[key]

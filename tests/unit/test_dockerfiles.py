@@ -65,7 +65,7 @@ def _key_values(lines: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
         for token in shlex.split(line):
-            key, _, value = token.partition("=")
+            key, _unused, value = token.partition("=")
             out[key] = value
     return out
 
@@ -88,7 +88,7 @@ def parse(path: Path) -> Dockerfile:
     global_args: dict[str, str | None] = {}
     stages: list[Stage] = []
     for line in logical:
-        keyword, _, args = line.partition(" ")
+        keyword, _unused, args = line.partition(" ")
         keyword = keyword.upper()
         args = re.sub(r"\s+", " ", args.strip())
         if keyword == "FROM":
