@@ -137,7 +137,7 @@ def started_at(container: str) -> float:
         ["docker", "inspect", "-f", "{{.State.StartedAt}}", container], capture_output=True, text=True, check=True
     ).stdout.strip()
     # Docker gives nanoseconds; keep microseconds.
-    head, _, frac = out.rstrip("Z").partition(".")
+    head, _unused, frac = out.rstrip("Z").partition(".")
     return datetime.fromisoformat(f"{head}.{frac[:6]}+00:00").timestamp()
 
 
@@ -191,7 +191,7 @@ def main() -> None:
 
     cold_stages, warm_stages = stages(cold), stages(warm)
     print(f"\n{'stage':<20}{'new pod (s)':>14}{'no change (s)':>16}")
-    for name in [s for s, _ in STAGES] + ["other"]:
+    for name in [s for s, _unused in STAGES] + ["other"]:
         if cold_stages.get(name) or warm_stages.get(name):
             print(f"{name:<20}{cold_stages.get(name, 0):>14.2f}{warm_stages.get(name, 0):>16.2f}")
     print(f"{'wall':<20}{cold_wall:>14.2f}{warm_wall:>16.2f}")

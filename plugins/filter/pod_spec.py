@@ -360,7 +360,7 @@ class PodPlanner:
     def _resource_ref(self, ref: Mapping[str, Any], containers: Mapping[str, Any], what: str) -> str:
         target = containers.get(ref.get("containerName") or "")
         resources = (target or {}).get("resources") or {}
-        section, _, name = str(ref.get("resource", "")).partition(".")
+        section, _unused, name = str(ref.get("resource", "")).partition(".")
         if section not in ("limits", "requests") or name not in ("cpu", "memory", "ephemeral-storage"):
             raise PodSpecError(f"{what}: resourceFieldRef {ref.get('resource')} is not supported locally")
         value = (resources.get(section) or {}).get(name)
