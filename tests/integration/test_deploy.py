@@ -227,3 +227,44 @@ def test_undeploy_leaves_no_container(deployed):
     redeploy = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
     assert redeploy.rc == 0, redeploy.failure()
     assert requests.get(f"http://127.0.0.1:{deployed['port']}/alive", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------- the make targets
+
+
+def make(target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", target], cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False
+    )
+
+
+def recap_changed(output: str) -> int:
+    """changed= of localhost in the last PLAY RECAP that `make` printed."""
+    found = re.findall(r"^localhost\s*:.*?changed=(\d+)", output, flags=re.MULTILINE)
+    assert found, output[-3000:]
+    return int(found[-1])
+
+
+def test_make_deploy_twice_then_make_undeploy(docker_engine, demo_model, cpu_image):
+    """What a new user types: the second `make deploy` changes nothing, `make undeploy` leaves nothing behind."""
+    need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
+    first = make("deploy")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    summary = json.loads((STATE / "deploy.json").read_text())
+    assert summary["base_url"] == f"http://127.0.0.1:8080/{MODEL}/v1"
+    assert "http://127.0.0.1:8080/smollm2/v1" in first.stdout
+    assert read_key() not in first.stdout + first.stderr
+    second = make("deploy")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    assert recap_changed(second.stdout) == 0
+    answer = requests.post(
+        f"{summary['base_url']}/chat/completions",
+        headers={"Authorization": f"Bearer {read_key()}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] >= 1
+    gone = make("undeploy")
+    assert gone.returncode == 0, gone.stdout[-3000:] + gone.stderr[-2000:]
+    assert pod_containers() == []
