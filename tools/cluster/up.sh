@@ -180,6 +180,8 @@ cat >"$DATA/cni/net.d/10-llmpods.conflist" <<JSON
   ]
 }
 JSON
+restrict_oom=false
+(echo -1 >/proc/self/oom_score_adj) 2>/dev/null || restrict_oom=true
 cat >"$DATA/containerd/config.toml" <<TOML
 version = 2
 root = "$DATA/containerd/root"
@@ -188,6 +190,9 @@ state = "$RUN/containerd/state"
   address = "$CONTAINERD_SOCK"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$IMAGE_PREFIX/pause:$PAUSE_VERSION"
+  # Without CAP_SYS_RESOURCE (as in some VMs and containers) no process may lower its OOM score below the
+  # runtime's own: keep the kubelet's negative scores at containerd's instead of failing every sandbox.
+  restrict_oom_score_adj = $restrict_oom
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -207,9 +212,7 @@ CTR=(ctr --address "$CONTAINERD_SOCK" --namespace k8s.io)
 wait_for containerd 60 "${CTR[@]}" version
 
 log "images of the cluster's components"
-for archive in "$CACHE"/images/*.tar; do
-  "${CTR[@]}" images import --no-unpack=false "$archive" >/dev/null
-done
+"${CTR[@]}" images import "$CACHE/images/components.tar" >/dev/null
 
 log "registry on $REGISTRY (images the collection pushes)"
 mkdir -p "$DATA/registry"
