@@ -47,11 +47,11 @@ drop_chains() {
     "$tool-save" -t "$table" >/dev/null 2>&1 || continue
     while read -r rule; do
       eval "$tool -t $table ${rule/#-A/-D}" 2>/dev/null || true
-    done < <("$tool-save" -t "$table" | grep -E '^-A .*(CNI-|KUBE-)' || true)
-    for chain in $("$tool-save" -t "$table" | sed -nE 's/^:((CNI|KUBE)-[^ ]+) .*/\1/p'); do
+    done < <("$tool-save" -t "$table" | grep -E '^-A .*(CNI-|KUBE-|LLMPODS-)' || true)
+    for chain in $("$tool-save" -t "$table" | sed -nE 's/^:((CNI|KUBE|LLMPODS)-[^ ]+) .*/\1/p'); do
       "$tool" -t "$table" -F "$chain" 2>/dev/null || true
     done
-    for chain in $("$tool-save" -t "$table" | sed -nE 's/^:((CNI|KUBE)-[^ ]+) .*/\1/p'); do
+    for chain in $("$tool-save" -t "$table" | sed -nE 's/^:((CNI|KUBE|LLMPODS)-[^ ]+) .*/\1/p'); do
       "$tool" -t "$table" -X "$chain" 2>/dev/null || true
     done
   done
@@ -85,7 +85,7 @@ procs="$(ours | sort -u | tr '\n' ' ')"
 [[ -n "${procs// /}" ]] && left+=("processes $procs")
 findmnt -rn -o TARGET | grep -qE "^($DATA|$RUN)(/|$)|/netns/cni-" && left+=("mounts")
 ip link show "$BRIDGE" >/dev/null 2>&1 && left+=("interface $BRIDGE")
-iptables-save | grep -qE '^:(CNI|KUBE)-' && left+=("iptables chains: $(iptables-save | grep -oE '^:(CNI|KUBE)-[^ ]+' | tr '\n' ' ')")
+iptables-save | grep -qE '^:(CNI|KUBE|LLMPODS)-' && left+=("iptables chains: $(iptables-save | grep -oE '^:(CNI|KUBE|LLMPODS)-[^ ]+' | tr '\n' ' ')")
 if ((${#left[@]})); then
   printf 'cluster: left behind: %s\n' "${left[@]}" >&2
   exit 1

@@ -163,6 +163,13 @@ daemon kube-scheduler "$K8S/kube-scheduler" \
 # ---- node: sysctls, containerd, CNI, kubelet, kube-proxy
 sysctl -qw net.ipv4.ip_forward=1
 sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
+# Forward pod traffic where a Docker engine's FORWARD policy would drop it, but only after kube-proxy's rules:
+# a Service without endpoints must still reject connections (an ACCEPT ahead of kube-proxy, as the CNI firewall
+# plugin inserts, sends them out of the default route instead).
+iptables -N LLMPODS-FORWARD 2>/dev/null || true
+iptables -C LLMPODS-FORWARD -s "$POD_CIDR" -j ACCEPT 2>/dev/null || iptables -A LLMPODS-FORWARD -s "$POD_CIDR" -j ACCEPT
+iptables -C LLMPODS-FORWARD -d "$POD_CIDR" -j ACCEPT 2>/dev/null || iptables -A LLMPODS-FORWARD -d "$POD_CIDR" -j ACCEPT
+iptables -C FORWARD -j LLMPODS-FORWARD 2>/dev/null || iptables -A FORWARD -j LLMPODS-FORWARD
 
 mkdir -p "$DATA/cni/net.d" "$DATA/containerd" "$RUN/containerd"
 cat >"$DATA/cni/net.d/10-llmpods.conflist" <<JSON
@@ -175,8 +182,7 @@ cat >"$DATA/cni/net.d/10-llmpods.conflist" <<JSON
       "ipam": {"type": "host-local", "ranges": [[{"subnet": "$NODE_POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
                "dataDir": "$DATA/cni/ipam"}
     },
-    {"type": "portmap", "capabilities": {"portMappings": true}},
-    {"type": "firewall"}
+    {"type": "portmap", "capabilities": {"portMappings": true}}
   ]
 }
 JSON
@@ -305,8 +311,8 @@ sed -e "s#@IMAGE@#$IMAGE_PREFIX/traefik:$TRAEFIK_VERSION#" -e "s#nodePort: 30080
 apply "$DATA/manifests/traefik.yaml"
 
 log "waiting for the components to be ready"
-for ns_deploy in kube-system/coredns keda/keda-operator keda/keda-operator-metrics-apiserver \
-  keda/keda-admission-webhooks keda/keda-add-ons-http-operator keda/keda-add-ons-http-interceptor \
+for ns_deploy in kube-system/coredns keda/keda-operator keda/keda-metrics-apiserver \
+  keda/keda-admission keda/keda-add-ons-http-operator keda/keda-add-ons-http-interceptor \
   keda/keda-add-ons-http-scaler traefik/traefik; do
   "${KUBECTL[@]}" -n "${ns_deploy%%/*}" rollout status "deployment/${ns_deploy#*/}" --timeout=300s >/dev/null \
     || die "deployment $ns_deploy did not become ready (kubectl --kubeconfig $KUBECONFIG_PATH -n ${ns_deploy%%/*} describe pods)"
