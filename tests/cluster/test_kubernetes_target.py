@@ -320,7 +320,11 @@ def test_model_ready_wakes_the_model_through_the_interceptor(cluster: dict[str, 
         env=ansible_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert '"status": "ready"' in proc.stdout or '"status":"ready"' in proc.stdout.replace(" ", ""), proc.stdout
+    result = json.loads(proc.stdout.partition("=>")[2])
+    assert result["ready"] is True, result
+    assert MODEL in result["models"], result
+    assert result["completion"]["text"], result
+    print(f"\nmodel_ready woke the model from zero in {result['elapsed']:.1f} s: {result['stages']}")
     assert replicas(cluster)[0] == 1
 
 
@@ -339,9 +343,15 @@ def test_a_changed_template_rolls_the_pods(cluster: dict[str, str], deployed: di
     deployment = kget(cluster, "-n", NAMESPACE, f"deployment/{RELEASE}")
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
     assert annotations.get("llmpods.test/template-change") == "1"
+    # The model may have gone back to zero since the deploy's check: a keyed request wakes it (or keeps it up).
+    models = requests.get(url(cluster, "/v1/models"), headers=headers(api_key()), timeout=600)
+    assert models.status_code == 200, models.text
     pods = kget(cluster, "-n", NAMESPACE, "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
-    assert pods, "no pod after the rollout"
-    assert not {p["metadata"]["uid"] for p in pods} & before, "the pods are the same as before the change"
+    # Pods of the old template may still be shutting down (their grace period); the live ones must be new.
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert live, "no pod after the rollout"
+    assert all(p["metadata"]["annotations"].get("llmpods.test/template-change") == "1" for p in live)
+    assert not {p["metadata"]["uid"] for p in live} & before, "the pods are the same as before the change"
 
 
 def test_undeploy_leaves_no_object_of_the_release(cluster: dict[str, str], deployed: dict[str, Any]) -> None:
