@@ -36,7 +36,7 @@ def read_cluster_env() -> dict[str, str]:
     need(env_file.exists(), f"a running test cluster (`make cluster` writes {env_file})")
     out = {}
     for line in env_file.read_text().splitlines():
-        key, _, value = line.partition("=")
+        key, value = line.split("=", 1)
         out[key] = value
     return out
 
@@ -243,7 +243,7 @@ def test_requests_without_a_key_never_wake_the_model(cluster: dict[str, str], de
     assert replicas(cluster) == (0, 0), "the model must be at zero replicas"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8}
     statuses = set()
-    for _ in range(50):
+    for _attempt in range(50):
         response = requests.post(url(cluster, "/v1/chat/completions"), headers=headers(), json=body, timeout=30)
         statuses.add(response.status_code)
         assert "choices" not in response.text
