@@ -21,22 +21,16 @@ fetch_module() {
   cp -r "$dir" "$dest"
   chmod -R u+w "$dest"
   rm -rf "$dest/vendor"
-  (
-    cd "$dest"
-    local required
-    required="$(go mod edit -json | python3 -c 'import json,sys; print("\n".join(r["Path"] for r in json.load(sys.stdin).get("Require") or []))')"
-    go mod edit -json | python3 -c '
+  # One edit per local replace: the sibling's release when the module requires it, else the line goes.
+  (cd "$dest" && go mod edit -json | python3 -c '
 import json, sys
-for r in json.load(sys.stdin).get("Replace") or []:
+mod = json.load(sys.stdin)
+required = {r["Path"] for r in mod.get("Require") or []}
+for r in mod.get("Replace") or []:
+    old = r["Old"]["Path"]
     if r["New"]["Path"].startswith((".", "/")):
-        print(r["Old"]["Path"])' | while read -r old; do
-      if grep -qxF "$old" <<<"$required"; then
-        go mod edit -replace "$old=$old@$sibling_version"
-      else
-        go mod edit -dropreplace "$old"
-      fi
-    done
-  )
+        print(f"-replace={old}={old}@" + sys.argv[1] if old in required else f"-dropreplace={old}")
+' "$sibling_version" | xargs -r go mod edit)
   touch "$dest/.fetched"
 }
 
