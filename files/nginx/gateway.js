@@ -1,25 +1,41 @@
-// llmpods gateway: API key check, readiness, and the answer to a rejected request.
+// llmpods gateway: the API key index, readiness, and the answer to a request nginx could not parse.
 //
-// Written for njs 0.7 (the version Debian bookworm ships): each request runs in a fresh copy of the
-// JavaScript VM, so nothing a request stores in a global survives it. State that must outlive a
-// request (the readiness latch) lives in a file under the run directory.
+// Written for njs 0.7 (the version Debian bookworm ships): each request runs in a fresh copy of the JavaScript VM, so
+// nothing a request stores in a global survives it. State that must outlive a request lives in files under the run
+// directory: the readiness latch and the key index.
+//
+// The key index. nginx checks API keys itself, without JavaScript, against a directory that mirrors the keys file:
+//   <index>/v-<file version>/k-<key>   an empty file per key (a key with "/" in it becomes nested directories)
+//   <index>/s-<second>                 a link to the version directory, made the first time in that second (nginx's
+//                                      $time_iso8601) the keys file was found to be that version
+// While the link for the current second exists, a token is a key exactly when its k- file exists under it. When it
+// does not (the first request of a second), nginx asks keyOk, which looks at the keys file, mirrors it into a new
+// version directory if it changed (so the file is read once per change), makes the link and answers. A change to
+// the keys file thus counts within a second, without a reload.
 //
 // nginx.conf passes the settings as variables:
 //   $llmpods_model          the model id the backend must list
 //   $llmpods_keys_file      the API keys, one per line; blank lines and lines starting with # are ignored
+//   $llmpods_key_index      the key index directory
 //   $llmpods_ready_marker   the readiness latch file
-//   $llmpods_bearer_token   the token of "Authorization: Bearer <token>", or ""
+//   $llmpods_bearer_token   the token of "Authorization: Bearer <token>" when it has the syntax of a key, or ""
 
 import fs from 'fs';
 
 const AUTH_CHALLENGE = 'Bearer realm="llmpods"';
+// The syntax of a key, as in nginx.conf's $llmpods_bearer_token (keep the two alike): RFC 6750 token characters,
+// at most 200 of them, no "/" at either end, no "//", and no path segment that starts with ".". Other lines of
+// the keys file are ignored.
+const KEY_SYNTAX = /^(?=[^ ]{1,200}$)[A-Za-z0-9_~+=-][A-Za-z0-9._~+=-]*(?:\/[A-Za-z0-9_~+=-][A-Za-z0-9._~+=-]*)*$/;
+// Links and version directories older than this are removed (ms); two seconds keeps the previous second's link.
+const KEEP_MS = 2000;
 
 function readKeys(path) {
     const lines = fs.readFileSync(path, 'utf8').split('\n');
     const keys = [];
     for (let i = 0; i < lines.length; i++) {
         const line = lines[i].trim();
-        if (line.length > 0 && line[0] !== '#') {
+        if (line.length > 0 && line[0] !== '#' && KEY_SYNTAX.test(line)) {
             keys.push(line);
         }
     }
@@ -38,25 +54,167 @@ function same(a, b) {
     return diff === 0 ? 1 : 0;
 }
 
-// js_set handler: "1" when the bearer token is one of the keys. The keys file is read on every
-// request, so a key added to or removed from it counts from the next request on.
-function keyOk(r) {
-    const token = r.variables.llmpods_bearer_token;
-    if (!token) {
-        return '0';
-    }
-    let keys;
-    try {
-        keys = readKeys(r.variables.llmpods_keys_file);
-    } catch (e) {
-        r.error(`llmpods: cannot read the API keys file ${r.variables.llmpods_keys_file}: ${e.message}`);
-        return '0';
-    }
+function holds(keys, token) {
     let found = 0;
     for (let i = 0; i < keys.length; i++) {
         found |= same(token, keys[i]);
     }
     return found ? '1' : '0';
+}
+
+function exists(path) {
+    try {
+        fs.accessSync(path);
+        return true;
+    } catch (e) {
+        return false;
+    }
+}
+
+function isFile(path) {
+    try {
+        return fs.statSync(path).isFile();
+    } catch (e) {
+        return false;
+    }
+}
+
+function removeTree(path) {
+    try {
+        fs.rmdirSync(path, { recursive: true });
+    } catch (e) {
+        // Gone already; anything left is removed by a later prune.
+    }
+}
+
+// The version of the keys file: a new inode (an atomic replace, as the kubelet does), another size or mtime.
+function fileVersion(path) {
+    const st = fs.statSync(path);
+    return `v-${st.ino}-${st.size}-${st.mtimeMs}-${st.ctimeMs}`;
+}
+
+// Mirror the keys into <index>/<name>. False when the index cannot hold them (one key is another one plus "/...",
+// or the run directory is not writable): keyOk then compares the token itself.
+function mirror(index, name, keys) {
+    const tmp = `${index}/tmp-${name}-${process.pid}`;
+    removeTree(tmp);
+    try {
+        fs.mkdirSync(tmp, { mode: 0o700 });
+        for (let i = 0; i < keys.length; i++) {
+            const entry = `${tmp}/k-${keys[i]}`;
+            fs.mkdirSync(entry.slice(0, entry.lastIndexOf('/')), { recursive: true, mode: 0o700 });
+            fs.writeFileSync(entry, '');
+        }
+        fs.renameSync(tmp, `${index}/${name}`);
+        return true;
+    } catch (e) {
+        removeTree(tmp);
+        return exists(`${index}/${name}`); // another worker made it meanwhile
+    }
+}
+
+// Point <index>/s-<second> at the version directory (atomically: a new link renamed over any old one).
+function link(index, name, second) {
+    const path = `${index}/s-${second}`;
+    const tmp = `${path}.${process.pid}`;
+    try {
+        try {
+            fs.unlinkSync(tmp);
+        } catch (e) {
+            // No leftover.
+        }
+        fs.symlinkSync(name, tmp);
+        fs.renameSync(tmp, path);
+    } catch (e) {
+        // Without the link nginx asks keyOk again: slower, never wrong.
+    }
+}
+
+// Remove links older than KEEP_MS, and version and temporary directories that are that old and no link uses.
+function prune(index, current) {
+    const now = Date.now();
+    const used = {};
+    used[current] = true;
+    const old = [];
+    let names;
+    try {
+        names = fs.readdirSync(index);
+    } catch (e) {
+        return;
+    }
+    for (let i = 0; i < names.length; i++) {
+        const path = `${index}/${names[i]}`;
+        let st;
+        try {
+            st = fs.lstatSync(path);
+        } catch (e) {
+            continue;
+        }
+        if (now - st.mtimeMs <= KEEP_MS) {
+            if (names[i].startsWith('s-')) {
+                try {
+                    const target = fs.realpathSync(path);
+                    used[target.slice(target.lastIndexOf('/') + 1)] = true;
+                } catch (e) {
+                    // A link to a directory already gone.
+                }
+            }
+            continue;
+        }
+        old.push(names[i]);
+    }
+    for (let i = 0; i < old.length; i++) {
+        const path = `${index}/${old[i]}`;
+        if (old[i].startsWith('s-')) {
+            try {
+                fs.unlinkSync(path);
+            } catch (e) {
+                // Removed by another worker.
+            }
+        } else if (!used[old[i]]) {
+            removeTree(path);
+        }
+    }
+}
+
+// js_set handler for $llmpods_key_check, asked only while the key index is not confirmed for the current second:
+// "1" when the bearer token is one of the keys. Reads the keys file only when it changed; never logs (a log line
+// of this request would carry its request line).
+function keyOk(r) {
+    const token = r.variables.llmpods_bearer_token;
+    if (!token) {
+        return '0';
+    }
+    const file = r.variables.llmpods_keys_file;
+    const index = r.variables.llmpods_key_index;
+    let name;
+    try {
+        name = fileVersion(file);
+    } catch (e) {
+        return '0'; // no keys file, no key (/alive says so)
+    }
+    try {
+        fs.mkdirSync(index, { mode: 0o700 });
+    } catch (e) {
+        // Exists (or cannot be made: then mirror fails below and the keys are compared here).
+    }
+    let keys = null;
+    if (!exists(`${index}/${name}`)) {
+        try {
+            keys = readKeys(file);
+        } catch (e) {
+            return '0';
+        }
+        if (!mirror(index, name, keys)) {
+            return holds(keys, token);
+        }
+    }
+    link(index, name, r.variables.time_iso8601);
+    prune(index, name);
+    if (keys !== null) {
+        return holds(keys, token);
+    }
+    return isFile(`${index}/${name}/k-${token}`) ? '1' : '0';
 }
 
 function sendJson(r, status, body) {
@@ -69,8 +227,8 @@ function apiError(message, type, code) {
     return { error: { message: message, type: type, param: null, code: code } };
 }
 
-// error_page 400 handler. nginx itself rejects a request with two Authorization headers with 400;
-// that is an authentication failure, so it gets the same answer as a wrong key.
+// error_page 400 handler: nginx could not parse the request line or a header. Two Authorization headers are one of
+// those; that is an authentication failure, so it gets the same answer as a wrong key.
 function badRequest(r) {
     let authorizations = 0;
     const raw = r.rawHeadersIn;
@@ -85,16 +243,12 @@ function badRequest(r) {
             'invalid_request_error', 'invalid_api_key'));
         return;
     }
-    sendJson(r, 400, apiError('Bad request.', 'invalid_request_error', null));
+    sendJson(r, 400, apiError('The request is not valid HTTP/1.1: its request line or a header could not be parsed.',
+        'invalid_request_error', 'bad_request'));
 }
 
 function latched(marker) {
-    try {
-        fs.accessSync(marker);
-        return true;
-    } catch (e) {
-        return false;
-    }
+    return exists(marker);
 }
 
 function latch(r, marker) {
@@ -143,7 +297,7 @@ async function alive(r) {
     if (!hasKeys(r)) {
         sendJson(r, 503, {
             status: 'no_keys', model: model,
-            message: `no API key in ${r.variables.llmpods_keys_file}`,
+            message: `no API key in ${r.variables.llmpods_keys_file} (a key is 1 to 200 of A-Z a-z 0-9 - . _ ~ + / =)`,
         });
         return;
     }

@@ -5,11 +5,14 @@ Shared by the gateway integration tests and bench/bench_gateway.py.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -22,7 +25,10 @@ VENV_BIN = Path(sys.executable).parent
 CONFIG_PLAYBOOK = ROOT / "tests" / "integration" / "playbooks" / "gateway_config.yml"
 JS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 SERVER_PACKAGE = ROOT / "files" / "docker" / "llmpods_server"
+TESTS = ROOT / "tests"
 MODEL_NAME = "smollm2"
+# What a response must never show a client: a Python traceback, or the server's own file paths.
+LEAKS = ("Traceback", 'File "', "site-packages", "llama_cpp/", "llmpods_server/", "<html")
 
 
 def nginx_ok() -> bool:
@@ -69,6 +75,86 @@ def bearer(key: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {key}")]
 
 
+def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are on a new connection; return the status, headers and body of the first response.
+
+    The status is 0 when the connection closed without a response.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):  # the gateway may answer and close before it has read everything
+            sock.sendall(data)
+        received = b""
+        deadline = time.monotonic() + timeout
+        head_only = data.startswith(b"HEAD ")
+        while time.monotonic() < deadline and not response_complete(received, head_only):
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return parse_response(received)
+
+
+def _final(received: bytes) -> bytes:
+    """Without interim responses (100 Continue)."""
+    while received.startswith(b"HTTP/1.1 100") and b"\r\n\r\n" in received:
+        received = received.partition(b"\r\n\r\n")[2]
+    return received
+
+
+def response_complete(received: bytes, head_only: bool = False) -> bool:
+    head, sep, rest = _final(received).partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    if head_only:
+        return True
+    headers = head.lower()
+    if b"transfer-encoding: chunked" in headers:
+        return rest.endswith(b"0\r\n\r\n")
+    for line in headers.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(rest) >= int(line.split(b":")[1])
+    return head.startswith((b"HTTP/1.1 1", b"HTTP/1.1 204", b"HTTP/1.1 304"))
+
+
+def parse_response(received: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The first final HTTP/1.x response in ``received`` (a chunked body is decoded)."""
+    head, _sep, rest = _final(received).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/"):
+        return 0, {}, received
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _sep, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while rest:
+            size_line, _sep, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2 :]
+        return status, headers, body
+    if "content-length" in headers:
+        return status, headers, rest[: int(headers["content-length"])]
+    return status, headers, rest
+
+
+def error_of(body: bytes) -> dict:
+    """The OpenAI-style error in a response body; fails the test when there is none."""
+    text = body.decode("utf-8", "replace")
+    for leak in LEAKS:
+        assert leak not in text, f"the answer shows {leak!r}: {text[:500]}"
+    error = json.loads(body)["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    assert error["message"] and error["type"] in ("invalid_request_error", "server_error"), error
+    return error
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last: object = None
@@ -86,8 +172,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 class Backend:
     """llama-cpp-python serving the demo model (the project's llmpods_server when it is there)."""
 
-    def __init__(self, model: Path, port: int, log: Path, alias: str = MODEL_NAME):
-        self.model, self.port, self.log, self.alias = model, port, log, alias
+    def __init__(self, model: Path, port: int, log: Path, alias: str = MODEL_NAME, module: str = "llmpods_server"):
+        self.model, self.port, self.log, self.alias, self.module = model, port, log, alias, module
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -102,8 +188,10 @@ class Backend:
             PYTHONUNBUFFERED="1",
         )
         if (SERVER_PACKAGE / "__main__.py").exists():
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SERVER_PACKAGE.parent), env.get("PYTHONPATH")]))
-            return [sys.executable, "-m", "llmpods_server"], env
+            path = [str(SERVER_PACKAGE.parent), str(TESTS), env.get("PYTHONPATH")]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+            env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep files/docker free of __pycache__
+            return [sys.executable, "-m", self.module], env
         return [sys.executable, "-m", "llama_cpp.server"], env
 
     def start(self) -> Backend:
@@ -189,6 +277,8 @@ class Recorder:
 
     def __init__(self, port: int, model: str = MODEL_NAME):
         self.seen: list[dict] = []
+        # Every request, the gateway's readiness checks included: method, path, headers and the body it carried.
+        self.everything: list[dict] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,8 +286,10 @@ class Recorder:
 
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                received = self.rfile.read(length) if length else b""
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                seen = {"method": self.command, "path": self.path, "headers": headers, "body": received}
+                recorder.everything.append(seen)
                 if self.path == "/v1/models":
                     body, status = {"object": "list", "data": [{"id": model, "object": "model"}]}, 200
                 else:
@@ -222,6 +314,64 @@ class Recorder:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> Recorder:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class MisbehavingUpstream:
+    """A stand-in backend, on raw sockets, that closes connections the way a failing server does.
+
+    ``close_after_500``: a POST whose body holds ``"fail"`` gets a complete 500 that says nothing of closing,
+    and then the connection is closed; every other request gets a 200 on a connection kept alive.
+    ``stale``: the first request on a connection gets a 200 and the connection is kept alive; the next request on
+    it is read and the connection closed without an answer (a backend closing an idle connection as a request
+    arrives). ``seen`` lists (method, path) for every request read.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.seen: list[tuple[str, str]] = []
+        upstream = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                reader = self.request.makefile("rb")
+                served = 0
+                while True:
+                    request_line = reader.readline()
+                    if not request_line:
+                        return
+                    headers = {}
+                    while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+                        name, _sep, value = line.decode("latin-1").partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                    body = reader.read(int(headers.get("content-length") or 0))
+                    method, path = request_line.decode("latin-1").split()[:2]
+                    upstream.seen.append((method, path))
+                    served += 1
+                    if upstream.mode == "stale" and served > 1:
+                        return
+                    if upstream.mode == "close_after_500" and b"fail" in body:
+                        self.request.sendall(upstream.response(500, {"error": "injected"}))
+                        return
+                    self.request.sendall(upstream.response(200, {"path": path}))
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @staticmethod
+    def response(status: int, payload: dict) -> bytes:
+        data = json.dumps(payload).encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        return head.encode() + data
+
+    def start(self) -> MisbehavingUpstream:
         self.thread.start()
         return self
 

@@ -279,21 +279,56 @@ def stream(port: int, path: str, body: dict, key: str = KEY_A, on_first=None) ->
 
 
 @pytest.mark.parametrize(
-    ("sent", "forwarded"),
+    ("method", "sent", "forwarded"),
     [
-        (f"/{MODEL_NAME}/v1/models", "/v1/models"),
-        (f"/{MODEL_NAME}/v1/models/", "/v1/models"),
-        ("/v1/models", "/v1/models"),
-        ("/v1/models/", "/v1/models"),
-        (f"/{MODEL_NAME}/extras/tokenize/count", "/extras/tokenize/count"),
-        (f"/{MODEL_NAME}/v1/models?limit=1", "/v1/models?limit=1"),
+        ("GET", f"/{MODEL_NAME}/v1/models", "/v1/models"),
+        ("GET", f"/{MODEL_NAME}/v1/models/", "/v1/models"),
+        ("GET", "/v1/models", "/v1/models"),
+        ("GET", "/v1/models//", "/v1/models"),
+        ("POST", f"/{MODEL_NAME}/v1/chat/completions", "/v1/chat/completions"),
+        ("POST", f"/{MODEL_NAME}/extras/tokenize/count", "/extras/tokenize/count"),
+        ("POST", "/extras/detokenize/", "/extras/detokenize"),
     ],
 )
-def test_routing(recorded, sent: str, forwarded: str) -> None:
+def test_routing(recorded, method: str, sent: str, forwarded: str) -> None:
     gw, upstream = recorded
-    status, _unused, _unused = request(gw.port, "GET", sent, headers=bearer(KEY_A))
+    body = {} if method == "POST" else None
+    status, _unused, _unused = request(gw.port, method, sent, headers=bearer(KEY_A), body=body)
     assert status == 200
     assert upstream.seen[-1]["path"] == forwarded
+
+
+@pytest.mark.parametrize(
+    ("method", "sent", "status", "code"),
+    [
+        ("GET", f"/{MODEL_NAME}/v1/models?limit=1", 400, "query_string_not_allowed"),
+        ("GET", f"/{MODEL_NAME}/v1/model", 404, "unknown_url"),
+        ("GET", f"/{MODEL_NAME}/v1/models/smollm2", 404, "unknown_url"),
+        ("GET", "/other/v1/models", 404, "unknown_url"),
+        ("GET", "/docs", 404, "unknown_url"),
+        ("GET", "/openapi.json", 404, "unknown_url"),
+        ("GET", f"/{MODEL_NAME}//v1/models", 404, "unknown_url"),
+        ("GET", f"/{MODEL_NAME}/v1/%6Dodels", 404, "unknown_url"),
+        ("POST", f"/{MODEL_NAME}/v1/models", 405, "method_not_allowed"),
+        ("HEAD", f"/{MODEL_NAME}/v1/models", 405, None),
+        ("GET", f"/{MODEL_NAME}/v1/chat/completions", 405, "method_not_allowed"),
+        ("PUT", "/extras/tokenize", 405, "method_not_allowed"),
+    ],
+)
+def test_what_the_gateway_does_not_route_never_reaches_the_backend(
+    recorded, method: str, sent: str, status: int, code: str | None
+) -> None:
+    gw, upstream = recorded
+    before = len(upstream.seen)
+    got, headers, body = request(gw.port, method, sent, headers=bearer(KEY_A))
+    assert got == status, body
+    if method != "HEAD":
+        error = json.loads(body)["error"]
+        assert set(error) >= ERROR_KEYS
+        assert error["code"] == code
+    if status == 405:
+        assert headers["allow"] in ("GET", "POST")
+    assert len(upstream.seen) == before
 
 
 @pytest.mark.parametrize(
@@ -328,10 +363,9 @@ def test_server_version_is_not_disclosed_and_body_size_is_limited(recorded) -> N
     _unused, headers, _unused = request(gw.port, "GET", "/healthz")
     assert headers["server"] == "nginx"
     big = {"prompt": "x" * (11 * 1024 * 1024)}
-    status, _unused, _unused = request(
-        gw.port, "POST", f"/{MODEL_NAME}/v1/completions", headers=bearer(KEY_A), body=big
-    )
+    status, _unused, body = request(gw.port, "POST", f"/{MODEL_NAME}/v1/completions", headers=bearer(KEY_A), body=big)
     assert status == 413
+    assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
 # --- key rotation
@@ -343,17 +377,25 @@ def test_keys_rotate_without_reload(recorded) -> None:
     key_c = "sk-llmpods-" + uuid.uuid4().hex
     assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(key_c)))
 
-    write_keys(gw.keys_file, [KEY_A, key_c])  # add the new key
-    assert request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200
+    write_keys(gw.keys_file, [KEY_A, key_c])  # add the new key: it works within a second
+    started = time.monotonic()
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200, 3, 0.05, "new key")
+    added = time.monotonic() - started
     assert request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200
 
-    write_keys(gw.keys_file, [key_c])  # then retire the old one
+    write_keys(gw.keys_file, [key_c])  # then retire the old one: refused within a second
+    started = time.monotonic()
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 401, 3, 0.05, "old key gone")
+    removed = time.monotonic() - started
     assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A)))
     assert request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200
     assert gw.proc.pid == master and gw.proc.poll() is None
     assert "reconfiguring" not in gw.error_log.read_text()
+    assert added < 1.5 and removed < 1.5, (added, removed)
+    print(f"key added: works after {added:.2f} s; key removed: refused after {removed:.2f} s")
 
     write_keys(gw.keys_file, [KEY_A])
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200, 3, 0.05, "key A back")
 
 
 # --- readiness

@@ -1,17 +1,25 @@
-"""llama-cpp-python's own server app, with ``POST /extras/tokenize/count`` replaced.
+"""llama-cpp-python's own server app, with answers that never fail the server and never leak its insides.
 
-Every route except the token count is llama-cpp-python's, built by ``llama_cpp.server.app.create_app``
-from the same command-line flags and environment variables (MODEL, MODEL_ALIAS, N_CTX, ...) that
-``python3 -m llama_cpp.server`` reads. The replacement route takes either ``{"input": "..."}`` (the
-length of ``/extras/tokenize``) or a whole chat completion request, whose count is the
-``usage.prompt_tokens`` the same request gets from ``/v1/chat/completions``.
+Every route is llama-cpp-python's, built by ``llama_cpp.server.app.create_app`` from the same command-line
+flags and environment variables (MODEL, MODEL_ALIAS, N_CTX, ...) that ``python3 -m llama_cpp.server`` reads,
+with these changes:
+
+- every route answers its failures as OpenAI errors, 4xx when the request caused them (``errors``);
+- ``/v1/completions`` and ``/v1/chat/completions`` stream so that a failure before the first token gets the
+  same answer as without streaming (``generate``); a grammar llama.cpp cannot parse is refused, not fatal;
+- ``/extras/detokenize`` refuses token ids the model does not have (llama.cpp would abort on them);
+- ``/extras/tokenize/count`` takes either ``{"input": "..."}`` (the length of ``/extras/tokenize``) or a whole
+  chat completion request, whose count is the ``usage.prompt_tokens`` the same request gets from
+  ``/v1/chat/completions``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import llama_cpp
@@ -19,25 +27,28 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 from llama_cpp.server import app as llama_server_app
-from llama_cpp.server.app import authenticate, create_app, get_llama_proxy
+from llama_cpp.server.app import create_app, get_llama_proxy
 from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
-from llama_cpp.server.errors import RouteErrorHandler
 from llama_cpp.server.model import LlamaProxy
 from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings, Settings
 from llama_cpp.server.types import (
     CreateChatCompletionRequest,
+    DetokenizeInputRequest,
+    DetokenizeInputResponse,
     TokenizeInputCountResponse,
     TokenizeInputRequest,
 )
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from llmpods_server import errors, generate
 from llmpods_server.count import chat_prompt_tokens
+from llmpods_server.errors import RequestError
 
 COUNT_PATH = "/extras/tokenize/count"
 
 # The request fields the chat route leaves out before calling create_chat_completion.
-CHAT_EXCLUDE = {"n", "logit_bias_type", "user", "min_tokens"}
+CHAT_EXCLUDE = generate.CHAT_EXCLUDE
 
 
 def count_chat_request(llama: llama_cpp.Llama, body: CreateChatCompletionRequest) -> int:
@@ -60,19 +71,6 @@ class CountChatRequest(CreateChatCompletionRequest):
     )
 
 
-count_router = APIRouter(route_class=RouteErrorHandler)
-
-
-@count_router.post(
-    COUNT_PATH,
-    summary="Tokenize Count",
-    description=(
-        'Count tokens of `{"input": "..."}`, or the prompt tokens of a whole chat completion request '
-        "(formatted with the model's chat template, equal to its `usage.prompt_tokens`)."
-    ),
-    dependencies=[Depends(authenticate)],
-    tags=["Extras"],
-)
 async def count_tokens(
     body: TokenizeInputRequest | CountChatRequest,
     llama_proxy: Annotated[LlamaProxy, Depends(get_llama_proxy)],
@@ -83,20 +81,88 @@ async def count_tokens(
     return TokenizeInputCountResponse(count=await run_in_threadpool(count_chat_request, llama, body))
 
 
-def _is_count_route(route: object) -> bool:
-    return isinstance(route, APIRoute) and route.path == COUNT_PATH and "POST" in route.methods
+async def detokenize(
+    body: DetokenizeInputRequest,
+    llama_proxy: Annotated[LlamaProxy, Depends(get_llama_proxy)],
+) -> DetokenizeInputResponse:
+    llama = llama_proxy(body.model)
+    n_vocab = llama.n_vocab()
+    for token in body.tokens:
+        if not 0 <= token < n_vocab:
+            raise RequestError(
+                f"tokens: {token} is not a token id of this model (0 to {n_vocab - 1}).",
+                param="tokens",
+                code="invalid_value",
+            )
+    return DetokenizeInputResponse(text=llama.detokenize(body.tokens).decode("utf-8", errors="replace"))
+
+
+COUNT_DESCRIPTION = (
+    'Count tokens of `{"input": "..."}`, or the prompt tokens of a whole chat completion request '
+    "(formatted with the model's chat template, equal to its `usage.prompt_tokens`)."
+)
+# Our endpoints for llama-cpp-python's routes, by (path, method); the count route also gets its own description.
+ENDPOINTS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("/v1/completions", "POST"): generate.create_completion,
+    ("/v1/chat/completions", "POST"): generate.create_chat_completion,
+    ("/extras/detokenize", "POST"): detokenize,
+    (COUNT_PATH, "POST"): count_tokens,
+}
+# Route settings copied from llama-cpp-python's routes (those this FastAPI's add_api_route takes).
+ROUTE_SETTINGS = (
+    "response_model",
+    "status_code",
+    "tags",
+    "dependencies",
+    "summary",
+    "description",
+    "response_description",
+    "responses",
+    "deprecated",
+    "methods",
+    "operation_id",
+    "include_in_schema",
+    "response_class",
+    "name",
+    "callbacks",
+    "openapi_extra",
+    "generate_unique_id_function",
+)
+_upstream_routes: list[APIRoute] = []
+
+
+def _route_settings(route: APIRoute) -> dict[str, Any]:
+    accepted = inspect.signature(APIRouter.add_api_route).parameters
+    return {name: getattr(route, name) for name in ROUTE_SETTINGS if name in accepted and hasattr(route, name)}
+
+
+def build_router(routes: list[APIRoute]) -> APIRouter:
+    """llama-cpp-python's routes with ours swapped in, every one answering its failures as OpenAI errors."""
+    router = APIRouter(route_class=errors.OpenAIRoute)
+    for route in routes:
+        settings = _route_settings(route)
+        methods = sorted(route.methods or ())
+        endpoint = next((ENDPOINTS[route.path, m] for m in methods if (route.path, m) in ENDPOINTS), route.endpoint)
+        if endpoint is count_tokens:
+            settings["description"] = COUNT_DESCRIPTION
+        router.add_api_route(route.path, endpoint, **settings)
+    return router
 
 
 def build_app(server_settings: ServerSettings, model_settings: list[ModelSettings]) -> FastAPI:
-    """llama-cpp-python's app with its count route swapped for ours.
+    """llama-cpp-python's app with its routes replaced by ours (see the module docstring).
 
-    The route is dropped from llama-cpp-python's router before ``create_app`` includes it (whether
-    FastAPI copies an included router's routes or keeps a reference to the router), then ours is added.
+    Its routes are taken out of its router before ``create_app`` includes it (whether FastAPI copies an
+    included router's routes or keeps a reference to the router), then ours are added.
     """
     upstream = llama_server_app.router
-    upstream.routes[:] = [route for route in upstream.routes if not _is_count_route(route)]
+    if not _upstream_routes:
+        _upstream_routes.extend(route for route in upstream.routes if isinstance(route, APIRoute))
+    upstream.routes[:] = [route for route in upstream.routes if not isinstance(route, APIRoute)]
+    generate.guard_grammars()
     app = create_app(server_settings=server_settings, model_settings=model_settings)
-    app.include_router(count_router)
+    app.include_router(build_router(_upstream_routes))
+    errors.install(app)
     return app
 
 
