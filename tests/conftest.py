@@ -1,11 +1,13 @@
 """Shared test plumbing: where things are, how to run a playbook, and the CI rule.
 
 Under ``CI=true`` a missing dependency (Docker engine, nginx, Helm, the demo model) fails the test
-that needs it; elsewhere it skips with the reason.
+that needs it; elsewhere it skips with the reason. Under ``CI=true`` no test skips at all: a hook below turns any
+skip, whatever raised it, into a failure.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -35,7 +38,37 @@ def need(condition: bool, reason: str) -> None:
         return
     if CI:
         pytest.fail(f"missing dependency under CI: {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need_module(name: str, reason: str) -> ModuleType:
+    """Import a module the test needs, under the need() rule (usable at module level)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        need(False, f"{reason} ({exc})")
+        raise  # not reached: need() skips or fails
+
+
+def _skip_fails_under_ci(report) -> None:
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where no test may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skip of a test (a marker, a fixture, pytest.skip anywhere) is a failure."""
+    outcome = yield
+    _skip_fails_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while it is collected."""
+    outcome = yield
+    _skip_fails_under_ci(outcome.get_result())
 
 
 def ansible_env(**extra: str) -> dict[str, str]:
@@ -54,30 +87,53 @@ def ansible_env(**extra: str) -> dict[str, str]:
     return env
 
 
+class PlaybookOutputError(AssertionError):
+    """The playbook's output is not what the json callback writes, so nothing about the run can be checked."""
+
+
 class PlaybookResult:
+    """A playbook run with the json callback. Reading its stats or tasks fails the test when the output cannot
+    be parsed or holds no localhost stats, so ``changed == 0`` can never pass on output that was not read."""
+
     def __init__(self, proc: subprocess.CompletedProcess[str]):
         self.proc = proc
         self.rc = proc.returncode
         self.stdout = proc.stdout
         self.stderr = proc.stderr
+        self._error = ""
         try:
-            self.data = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            self.data = None
+            self._data = json.loads(proc.stdout)
+        except json.JSONDecodeError as exc:
+            self._data, self._error = None, f"stdout is not JSON ({exc})"
+        else:
+            if not isinstance(self._data, dict) or "localhost" not in self._data.get("stats", {}):
+                self._error = "the json callback's stats have no entry for localhost"
+
+    def _unreadable(self) -> PlaybookOutputError:
+        return PlaybookOutputError(
+            f"playbook output cannot be checked: {self._error}; rc={self.rc}\n"
+            f"stdout: {self.stdout[-2000:]}\nstderr: {self.stderr[-2000:]}"
+        )
+
+    @property
+    def data(self) -> dict:
+        if self._error:
+            raise self._unreadable()
+        return self._data
 
     @property
     def stats(self) -> dict:
         """Per-host totals from the json callback (ok, changed, failures, ...)."""
-        return (self.data or {}).get("stats", {}).get("localhost", {})
+        return self.data["stats"]["localhost"]
 
     @property
     def changed(self) -> int:
-        return self.stats.get("changed", 0)
+        return self.stats["changed"]
 
     def tasks(self) -> list[dict]:
         """Every task result for localhost: [{'name': ..., 'result': {...}}]."""
         out = []
-        for play in (self.data or {}).get("plays", []):
+        for play in self.data.get("plays", []):
             for task in play.get("tasks", []):
                 result = task.get("hosts", {}).get("localhost")
                 if result is not None:
@@ -85,9 +141,11 @@ class PlaybookResult:
         return out
 
     def failure(self) -> str:
-        for task in self.tasks():
-            if task["result"].get("failed"):
-                return f"{task['name']}: {task['result'].get('msg')}"
+        """What went wrong, for an assertion message: the failed task, else the end of the output."""
+        if not self._error:
+            for task in self.tasks():
+                if task["result"].get("failed"):
+                    return f"{task['name']}: {task['result'].get('msg')}"
         return self.stderr[-3000:] or self.stdout[-3000:]
 
 

@@ -170,7 +170,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 
 
 class Backend:
-    """llama-cpp-python serving the demo model (the project's llmpods_server when it is there)."""
+    """The project's inference server (llmpods_server on llama-cpp-python) serving the demo model."""
 
     def __init__(self, model: Path, port: int, log: Path, alias: str = MODEL_NAME, module: str = "llmpods_server"):
         self.model, self.port, self.log, self.alias, self.module = model, port, log, alias, module
@@ -187,12 +187,13 @@ class Backend:
             N_CTX="2048",
             PYTHONUNBUFFERED="1",
         )
-        if (SERVER_PACKAGE / "__main__.py").exists():
-            path = [str(SERVER_PACKAGE.parent), str(TESTS), env.get("PYTHONPATH")]
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
-            env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep files/docker free of __pycache__
-            return [sys.executable, "-m", self.module], env
-        return [sys.executable, "-m", "llama_cpp.server"], env
+        # Always the project's server: a stand-in (upstream llama_cpp.server) would let a test pass without it.
+        if not (SERVER_PACKAGE / "__main__.py").exists():
+            raise FileNotFoundError(f"the inference server package is missing: {SERVER_PACKAGE}")
+        path = [str(SERVER_PACKAGE.parent), str(TESTS), env.get("PYTHONPATH")]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep files/docker free of __pycache__
+        return [sys.executable, "-m", self.module], env
 
     def start(self) -> Backend:
         cmd, env = self.command()

@@ -30,6 +30,10 @@ pytestmark = pytest.mark.slow
 
 KEY_A = "sk-llmpods-" + uuid.uuid4().hex
 KEY_B = "sk-llmpods-" + uuid.uuid4().hex
+# Keys retired by commenting their line out, the two ways people write it: both must be refused.
+RETIRED_A = "sk-llmpods-retired-" + uuid.uuid4().hex
+RETIRED_B = "sk-llmpods-retired-" + uuid.uuid4().hex
+COMMENTS = f"# API keys for the gateway tests\n#{RETIRED_A}\n# {RETIRED_B}"
 IMAGE_PLAYBOOK = ROOT / "tests" / "integration" / "playbooks" / "gateway_image.yml"
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -52,7 +56,7 @@ def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def gateway(nginx: None, backend: Backend, tmp_path_factory: pytest.TempPathFactory):
     gw = Gateway(tmp_path_factory.mktemp("gateway"), upstream_port=backend.port, listen_port=free_port())
-    write_keys(gw.keys_file, [KEY_A, KEY_B])
+    write_keys(gw.keys_file, [KEY_A, KEY_B], comment=COMMENTS)
     gw.render(run_playbook)
     gw.start()
     try:
@@ -155,7 +159,8 @@ UNAUTHORIZED = {
     "key alone": [("Authorization", KEY_A)],
     "x-api-key": [("X-Api-Key", KEY_A)],
     "two authorization headers": [("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {KEY_B}")],
-    "comment line as key": [("Authorization", "Bearer #")],
+    "key commented out (#key)": [("Authorization", f"Bearer {RETIRED_A}")],
+    "key commented out (# key)": [("Authorization", f"Bearer {RETIRED_B}")],
 }
 
 
@@ -169,16 +174,27 @@ def test_requests_without_a_valid_key_never_reach_the_model(gateway: Gateway, ba
         ("GET", "/v1/models", None),
     ]:
         assert_unauthorized(*request(gateway.port, method, path, headers=headers, body=body))
-    time.sleep(0.2)
-    assert len(backend.requests_seen()) == before
+    assert_backend_saw_nothing_since(gateway, backend, before)
+
+
+def assert_backend_saw_nothing_since(gateway: Gateway, backend: Backend, before: int) -> None:
+    """No request reached the backend since it had logged ``before`` of them.
+
+    A request with a valid key, sent last, is the proof that the log is current: once it shows, any request sent
+    before it would show as well, so the check cannot pass on a log that was not flushed yet.
+    """
+    status, _unused, body = request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer(KEY_A))
+    assert status == 200, body
+    wait_for(lambda: len(backend.requests_seen()) > before, 30, 0.05, "the last request in the backend log")
+    new = backend.requests_seen()[before:]
+    assert len(new) == 1 and "GET /v1/models " in new[0], new
 
 
 def test_key_in_the_query_string_is_refused_and_not_logged(gateway: Gateway, backend: Backend) -> None:
     before = len(backend.requests_seen())
     assert_unauthorized(*request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models?key={KEY_B}"))
     assert_unauthorized(*request(gateway.port, "GET", f"/v1/models?api_key={KEY_B}"))
-    assert len(backend.requests_seen()) == before
-    time.sleep(0.2)
+    assert_backend_saw_nothing_since(gateway, backend, before)  # the access log is written by then too
     assert KEY_B not in gateway.access_log.read_text()
 
 
@@ -228,11 +244,12 @@ def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     assert status == 200, body
     assert json.loads(body)["count"] == len(tokens)
 
+    # The project's server counts whole chat requests exactly as the chat completion bills them.
     status, _unused, body = request(
         gateway.port, "POST", "/extras/tokenize/count", headers=bearer(KEY_A), body={"messages": messages}
     )
-    if status == 200:  # the project's server counts whole chat requests; plain llama-cpp-python answers 422
-        assert json.loads(body)["count"] == prompt_tokens
+    assert status == 200, body
+    assert json.loads(body)["count"] == prompt_tokens
 
 
 def test_chat_stream_arrives_as_server_sent_events(gateway: Gateway) -> None:
@@ -244,6 +261,64 @@ def test_chat_stream_arrives_as_server_sent_events(gateway: Gateway) -> None:
     assert done
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+CONCURRENT = 8
+TOPICS = ["the sea", "a city", "winter", "a cat", "music", "bread", "a river", "the moon"]
+
+
+def streamed_answer(port: int, topic: str) -> dict:
+    """One greedy, seeded chat stream: its text, finish reason, [DONE], and when it started and ended."""
+    body = {
+        "messages": [{"role": "user", "content": f"Write one sentence about {topic}."}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "seed": 42,
+        "stream": True,
+    }
+    started = time.monotonic()
+    chunks, done = stream(port, f"/{MODEL_NAME}/v1/chat/completions", body)
+    return {
+        "text": "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks),
+        "finish_reason": chunks[-1]["choices"][0]["finish_reason"] if chunks else None,
+        "done": done,
+        "started": started,
+        "ended": time.monotonic(),
+    }
+
+
+def test_concurrent_streams_through_the_gateway_are_complete_and_unchanged(gateway: Gateway) -> None:
+    """8 streams at once through nginx to the real server: none is cut, each says what it says alone."""
+    alone = {topic: streamed_answer(gateway.port, topic) for topic in TOPICS[:CONCURRENT]}
+    for topic, answer in alone.items():
+        assert answer["done"] and answer["finish_reason"] in ("stop", "length") and answer["text"], (topic, answer)
+
+    barrier = threading.Barrier(CONCURRENT)
+    together: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def run(topic: str) -> None:
+        try:
+            barrier.wait(30)
+            together[topic] = streamed_answer(gateway.port, topic)
+        except BaseException as exc:  # reported below, with the topic
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(topic,)) for topic in alone]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    assert set(together) == set(alone)
+    # All 8 were in flight at once: the last to start started before the first to end ended.
+    assert max(a["started"] for a in together.values()) < min(a["ended"] for a in together.values())
+    for topic, answer in together.items():
+        assert answer["done"], f"{topic}: no [DONE], the stream was cut"
+        assert answer["finish_reason"] == alone[topic]["finish_reason"], (topic, answer, alone[topic])
+        assert answer["text"] == alone[topic]["text"], (topic, answer["text"], alone[topic]["text"])
+    took = max(a["ended"] for a in together.values()) - min(a["started"] for a in together.values())
+    print(f"{CONCURRENT} concurrent streams through the gateway complete and identical in {took:.1f} s")
 
 
 def stream(port: int, path: str, body: dict, key: str = KEY_A, on_first=None) -> tuple[list[dict], bool]:
@@ -379,23 +454,24 @@ def test_keys_rotate_without_reload(recorded) -> None:
 
     write_keys(gw.keys_file, [KEY_A, key_c])  # add the new key: it works within a second
     started = time.monotonic()
-    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200, 3, 0.05, "new key")
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200, 10, 0.05, "new key")
     added = time.monotonic() - started
     assert request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200
 
     write_keys(gw.keys_file, [key_c])  # then retire the old one: refused within a second
     started = time.monotonic()
-    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 401, 3, 0.05, "old key gone")
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 401, 10, 0.05, "old key gone")
     removed = time.monotonic() - started
     assert_unauthorized(*request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A)))
     assert request(gw.port, "GET", "/v1/models", headers=bearer(key_c))[0] == 200
     assert gw.proc.pid == master and gw.proc.poll() is None
     assert "reconfiguring" not in gw.error_log.read_text()
-    assert added < 1.5 and removed < 1.5, (added, removed)
+    # The index is checked once a second; a generous bound for a busy host (bench/ has no figure for this).
+    assert added < 5 and removed < 5, (added, removed)
     print(f"key added: works after {added:.2f} s; key removed: refused after {removed:.2f} s")
 
     write_keys(gw.keys_file, [KEY_A])
-    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200, 3, 0.05, "key A back")
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200, 10, 0.05, "key A back")
 
 
 # --- readiness
@@ -414,12 +490,14 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
     result: dict = {}
 
     def generate() -> None:
-        # Ban the end-of-sequence tokens so the model writes all 300 tokens.
+        # Ban the end-of-sequence tokens so the model writes all 300 tokens; greedy and seeded, so the text (and
+        # with it the chunking) is the same on every run.
         body = {
             "prompt": "Once upon a time",
             "max_tokens": 300,
             "stream": True,
-            "temperature": 0.8,
+            "temperature": 0,
+            "seed": 7,
             "logit_bias": {"0": -100, "1": -100, "2": -100},
         }
         result["chunks"], result["done"] = stream(
@@ -429,6 +507,7 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
     thread = threading.Thread(target=generate)
     thread.start()
     assert streaming.wait(60), "the stream started"
+    streamed_from = time.monotonic()
     answers = []
     while thread.is_alive():
         start = time.monotonic()
@@ -436,11 +515,13 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
         answers.append((status, time.monotonic() - start, body))
         time.sleep(0.05)
     thread.join()
+    streamed = time.monotonic() - streamed_from
 
     assert len(answers) >= 3, f"readiness was checked while the stream ran: {answers}"
     assert all(status == 200 for status, _unused, _unused in answers), answers
+    # Relative, not absolute: an answer that waited on the generation would take about as long as the stream.
     slowest = max(elapsed for _unused, elapsed, _unused in answers)
-    assert slowest < 1.0, f"slowest readiness answer during the stream: {slowest:.3f} s"
+    assert slowest < streamed / 3, f"slowest readiness answer {slowest:.3f} s during a {streamed:.1f} s stream"
     chunks = result["chunks"]
     assert result["done"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -469,8 +550,8 @@ def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: 
 
         backend.kill()
         killed = time.monotonic()
-        wait_for(lambda: gw.alive(timeout=5)[0] == 503, 2, 0.05, "/alive 503 after the backend died")
-        assert time.monotonic() - killed < 2
+        wait_for(lambda: gw.alive(timeout=5)[0] == 503, 30, 0.05, "/alive 503 after the backend died")
+        print(f"/alive 503 {time.monotonic() - killed:.2f} s after the backend died")
         status, body = gw.alive()
         assert status == 503
         assert body["status"] in ("unavailable", "loading")

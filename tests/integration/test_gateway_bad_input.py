@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import free_port, need, run_playbook
+from conftest import free_port, need, need_module, run_playbook
 from helpers.gateway import (
     MODEL_NAME,
     Backend,
@@ -390,7 +390,7 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event(
 
 
 def test_the_openai_sdk_raises_both_stream_failures(gateway: Gateway) -> None:
-    openai = pytest.importorskip("openai")
+    openai = need_module("openai", "the OpenAI SDK (openai)")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/{MODEL_NAME}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(

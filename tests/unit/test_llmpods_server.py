@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, need_module
 
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-test.txt)")
 from fastapi.testclient import TestClient  # noqa: E402
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
 from llmpods_server import count, server  # noqa: E402
@@ -74,15 +74,29 @@ def test_string_prompt_gets_bos_like_create_completion(llama: llama_cpp.Llama) -
         count.completion_prompt_tokens(llama, text, suffix="x")
 
 
+# Every way into llama.cpp's evaluation, from the public completion calls down to eval().
+GENERATION = {"create_completion", "_create_completion", "__call__", "generate", "eval", "sample", "reset"}
+
+
 def test_counting_does_not_generate(llama: llama_cpp.Llama) -> None:
-    class Fails:
+    asked: list[str] = []
+
+    class Guard:
+        """The model, with every generation entry point refused and recorded."""
+
         def __getattr__(self, name: str):
+            if name in GENERATION:
+                asked.append(name)
+                raise AssertionError(f"counting asked the model to generate ({name})")
             return getattr(llama, name)
 
-        def create_completion(self, *_, **__):
-            raise AssertionError("the real model must not be asked to generate")
-
-    assert count.chat_prompt_tokens(Fails(), {"messages": CONVERSATIONS[0]}) > 0
+    llama.create_completion("Warm up", max_tokens=1, temperature=0)  # a context with something evaluated in it
+    evaluated = (llama.n_tokens, list(llama.input_ids[: llama.n_tokens]))
+    counted = count.chat_prompt_tokens(Guard(), {"messages": CONVERSATIONS[0]})
+    assert asked == []
+    assert (llama.n_tokens, list(llama.input_ids[: llama.n_tokens])) == evaluated, "nothing was evaluated"
+    usage = llama.create_chat_completion(messages=CONVERSATIONS[0], max_tokens=1, temperature=0)["usage"]
+    assert counted == usage["prompt_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +147,34 @@ def test_main_reads_environment(monkeypatch: pytest.MonkeyPatch, demo_model: Pat
     monkeypatch.setenv("MODEL_ALIAS", "smollm2")
     monkeypatch.setenv("PORT", "8123")
     monkeypatch.setenv("INTERRUPT_REQUESTS", "false")
+    monkeypatch.setenv("HOST", "127.0.0.9")
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
     monkeypatch.setattr(server.uvicorn, "run", fake_run)
     monkeypatch.setattr(server, "build_app", lambda s, m: (s, m))
     server.main([])
     server_settings, model_settings = seen["app"]
     assert seen["port"] == 8123
+    assert seen["host"] == "127.0.0.9"
     assert server_settings.interrupt_requests is False
     assert model_settings[0].model_alias == "smollm2"
     assert model_settings[0].model == str(demo_model)
+
+
+def test_main_reads_a_config_file(monkeypatch: pytest.MonkeyPatch, demo_model: Path, tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(f"port: 8124\nmodels:\n  - model: {demo_model}\n    model_alias: a\n  - model: {demo_model}\n")
+    seen = {}
+    monkeypatch.setenv("CONFIG_FILE", str(config))
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.delenv("HOST", raising=False)
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kwargs: seen.update(kwargs, app=app))
+    monkeypatch.setattr(server, "build_app", lambda s, m: (s, m))
+    server.main([])
+    _server_settings, model_settings = seen["app"]
+    assert seen["port"] == 8124
+    assert [m.model_alias for m in model_settings] == ["a", None]
+
+    monkeypatch.setenv("CONFIG_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SystemExit) as exited:
+        server.main([])
+    assert exited.value.code == 1

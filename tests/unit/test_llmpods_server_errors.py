@@ -14,12 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, need_module
 
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-test.txt)")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from conftest import need
 
 # Before the collection: makes it importable under plain pytest.
 from helpers.gateway_stub import (
@@ -131,7 +133,8 @@ def test_unauthorized_fails_fast_as_a_key_problem(tmp_path: Path, serve) -> None
     server = serve({"/alive": [alive()], "/smollm2/v1/models": [unauthorized()]})
     run = run_module(tmp_path, base_url=server.url, model="smollm2", api_key="sk-wrong", wait_timeout=60, wait_sleep=1)
     assert run.rc == 1
-    assert run.seconds < 10, "a rejected key must not be retried until wait_timeout"
+    # A generous bound on a busy host, still far below the 60 s wait_timeout a retry loop would spend.
+    assert run.seconds < 30, "a rejected key must not be retried until wait_timeout"
     result = run.result
     assert result["failed"] is True
     assert result["changed"] is False
@@ -147,12 +150,19 @@ def test_unauthorized_fails_fast_as_a_key_problem(tmp_path: Path, serve) -> None
     assert result["stages"]["models"]["attempts"] == 1
 
 
+def waited(message: str, what: str) -> float:
+    """The seconds that a "model smollm2 <what> after N s" message names; fails when the message is not one."""
+    found = re.match(rf"model smollm2 {what} after (\d+\.\d) s", message)
+    assert found, message
+    return float(found.group(1))
+
+
 def test_nothing_listening(tmp_path: Path) -> None:
     port = closed_port()
     run = run_module(tmp_path, base_url=f"http://127.0.0.1:{port}", model="smollm2", wait_timeout=1, wait_sleep=0.2)
     assert run.rc == 1
     result = run.result
-    assert result["msg"].startswith("model smollm2 not ready after 1.")
+    assert waited(result["msg"], "not ready") >= 1.0
     assert f"no readiness answer (connection refused) (GET http://127.0.0.1:{port}/alive," in result["msg"]
     assert result["failed_stage"] == "readiness"
     assert result["stages"]["readiness"]["status"] == "timed_out"
@@ -166,7 +176,7 @@ def test_model_missing_names_what_is_listed(tmp_path: Path, serve) -> None:
     server = serve({"/alive": [alive()], "/smollm2/v1/models": [model_list("tinyllama")]})
     run = run_module(tmp_path, base_url=server.url, model="smollm2", api_key=KEY, wait_timeout=1, wait_sleep=0.2)
     assert run.rc == 1
-    assert "model smollm2 not listed after 1." in run.result["msg"]
+    assert waited(run.result["msg"], "not listed") >= 1.0
     assert "; the models answer lists: tinyllama (GET http" in run.result["msg"]
     assert run.result["models"] == ["tinyllama"]
     assert run.result["failed_stage"] == "models"
@@ -186,7 +196,8 @@ def test_check_mode_reports_a_model_that_is_not_ready(tmp_path: Path, serve) -> 
     server = serve({"/alive": [loading()]})
     run = run_module(tmp_path, check_mode=True, base_url=server.url, model="smollm2", wait_timeout=0)
     assert run.rc == 1
-    assert run.result["msg"].startswith('model smollm2 not ready after 0.0 s; last readiness answer 503 {"status"')
+    assert waited(run.result["msg"], "not ready") < 30
+    assert '; last readiness answer 503 {"status"' in run.result["msg"]
 
 
 @pytest.mark.parametrize(
@@ -210,9 +221,7 @@ def test_bad_values_are_refused_before_any_request(tmp_path: Path, args: dict, m
 
 def test_through_the_ansible_command_line(tmp_path: Path, serve) -> None:
     ansible = Path(sys.executable).parent / "ansible"
-    if not ansible.exists():
-        # ansible-test units exposes ansible's module_utils only, not its command line
-        pytest.skip(f"no ansible command next to {sys.executable}")
+    need(ansible.exists(), f"the ansible command next to {sys.executable}")
     server = ready_gateway(serve)
     module_args = {"base_url": f"{server.url}/smollm2/v1", "model": "smollm2", "api_key": KEY, "wait_sleep": 0.1}
     env = module_env()
