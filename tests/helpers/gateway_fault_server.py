@@ -23,7 +23,7 @@ REQUEST_FAULT = "llmpods-test-request-fault-after-first-chunk"
 
 def _failing(chunks: Iterator[Any], error: Exception) -> Iterator[Any]:
     try:
-        yield next(chunks)
+        yield next(chunks, None)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:

@@ -19,7 +19,7 @@ from conftest import ROOT, need_module
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
 
-llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-test.txt)")
+llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-dev.txt, `make dev`)")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
@@ -141,7 +141,7 @@ def test_a_stream_failing_after_its_first_token_ends_with_an_error_event_and_don
 
     def fails_after_one_chunk(self, *args, **kwargs):
         chunks = create(self, *args, **kwargs)
-        yield next(chunks)
+        yield next(chunks, None)
         chunks.close()
         raise exception(f"failed mid-way on {SECRET}")
 

@@ -62,7 +62,7 @@ class ModelStream(EventSourceResponse):
 
 
 async def _events(request: Request, first: Any, chunks: Iterator[Any], raw_body: bytes) -> AsyncIterator[dict]:
-    server_settings = next(llama_app.get_server_settings())
+    server_settings = next(llama_app.get_server_settings(), None)
     interrupt = bool(server_settings and server_settings.interrupt_requests)
     try:
         if first is not None:
