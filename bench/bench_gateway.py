@@ -31,42 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers.env import DEMO_MODEL, free_port, run_playbook  # noqa: E402
 from helpers.gateway import MODEL_NAME, Backend, Gateway, write_keys  # noqa: E402
 
-DEMO_MODEL = ROOT / ".llmpods" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 KEY = "sk-llmpods-bench-0123456789abcdef"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_playbook(playbook: Path, extra_vars: dict):
-    """ansible-playbook with this checkout as llmpods.inference (what `make collection` sets up)."""
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"),
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-        ANSIBLE_LOCALHOST_WARNING="false",
-    )
-    cmd = [str(bin_dir / "ansible-playbook"), "-i", str(ROOT / "inventory" / "localhost.yml"), str(playbook)]
-    proc = subprocess.run([*cmd, "-e", json.dumps(extra_vars)], env=env, capture_output=True, text=True, check=False)
-
-    class Result:
-        rc = proc.returncode
-
-        @staticmethod
-        def failure() -> str:
-            return proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    return Result()
 
 
 # The body the gateway answers a wrong key with.

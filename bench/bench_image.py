@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,10 +26,12 @@ from pathlib import Path
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MODEL = ROOT / ".llmpods" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-VERSION = "0.3.36"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers.env import DEMO_MODEL as MODEL
+from helpers.env import LLAMA_CPP_PYTHON_VERSION as VERSION
+from helpers.env import ROOT, free_port, run_playbook
+
 TARGET = "cpu"
 IMAGE = f"llmpods/inference-{TARGET}:{VERSION}"
 BASE = "debian:bookworm-slim"
@@ -50,12 +51,6 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def apply_role() -> None:
     """Stage the context and build the image the way users do: through the role."""
     play = [
@@ -72,29 +67,14 @@ def apply_role() -> None:
             ],
         }
     ]
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"),
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-        ANSIBLE_LOCALHOST_WARNING="false",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as handle:
         yaml.safe_dump(play, handle)
     try:
-        proc = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", str(ROOT / "inventory" / "localhost.yml"), handle.name],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = run_playbook(handle.name)
     finally:
         os.unlink(handle.name)
-    if proc.returncode != 0:
-        sys.exit(f"the role failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if result.rc != 0:
+        sys.exit(f"the role failed: {result.failure()}")
 
 
 def docker_build(tag: str, *, target: str | None = None, nocache: bool = False) -> float:

@@ -29,14 +29,9 @@ RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca
  && /opt/llmpods/bin/pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
  && /opt/llmpods/bin/pip install /wheels/llama_cpp_python-*.whl "llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"
 
-# Keep what the server imports: drop the CMake install tree (headers, a second copy of the libraries),
-# pip and setuptools, and make the wheel's copied library aliases symlinks again.
-RUN site="$(echo /opt/llmpods/lib/python3*/site-packages)" \
- && rm -rf "${site:?}/lib" "${site:?}/include" "${site:?}"/pip "${site:?}"/pip-* "${site:?}"/setuptools "${site:?}"/setuptools-* \
-      "${site:?}/_distutils_hack" "${site:?}/distutils-precedence.pth" /opt/llmpods/bin/pip* \
- && for lib in "${site}"/llama_cpp/lib/*.so.*.*.*; do \
-      ln -sf "$(basename "${lib}")" "${lib%.*.*}" && ln -sf "$(basename "${lib}")" "${lib%%.so.*}.so"; \
-    done
+# Keep what the server imports (the same step for every target; see the script).
+COPY strip-venv.sh /usr/local/bin/
+RUN strip-venv.sh /opt/llmpods
 
 # ---- runtime: the interpreter, the shared libraries the wheel links against, and the venv
 FROM ${BASE_IMAGE} AS runtime

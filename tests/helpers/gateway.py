@@ -20,8 +20,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
+from helpers.env import ROOT
+
 CONFIG_PLAYBOOK = ROOT / "tests" / "integration" / "playbooks" / "gateway_config.yml"
 JS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 SERVER_PACKAGE = ROOT / "files" / "docker" / "llmpods_server"

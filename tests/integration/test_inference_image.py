@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,7 +101,19 @@ def test_role_is_idempotent_and_checkable(built_image: str, tmp_path: Path) -> N
     assert second.changed == 0, [t["name"] for t in second.tasks() if t["result"].get("changed")]
     checked = run_playbook(role_playbook(tmp_path, inference_image_target="cpu"), check=True, diff=True)
     assert checked.rc == 0, checked.failure()
+    assert checked.changed == 0, [t["name"] for t in checked.tasks() if t["result"].get("changed")]
     assert image_id(built_image) == before
+
+
+def test_check_mode_reports_a_missing_image_and_builds_nothing(built_image: str, tmp_path: Path) -> None:
+    missing = "0.0.1"  # a version never built
+    ref = f"llmpods/inference-cpu:{missing}"
+    assert image_id(ref) is None
+    checked = run_playbook(role_playbook(tmp_path, inference_image_version=missing), check=True)
+    assert checked.rc == 0, checked.failure()
+    build = role_task(checked, "Build the inference image")
+    assert build is not None and build.get("changed") is True, build
+    assert image_id(ref) is None, "check mode built nothing"
 
 
 @pytest.mark.parametrize(
@@ -199,8 +212,10 @@ def chat(url: str, messages: list[dict], **extra: object) -> dict:
     return response.json()
 
 
-def stream_chat(url: str, messages: list[dict], max_tokens: int) -> tuple[str, int, str | None]:
-    """Content, number of content chunks and the final finish_reason of a streamed chat completion."""
+def stream_chat(url: str, messages: list[dict], max_tokens: int, on_chunk=None) -> tuple[str, int, str | None]:
+    """Content, number of content chunks and the final finish_reason of a streamed chat completion.
+
+    ``on_chunk(n)`` is called after the n-th content chunk arrived."""
     body = {"model": ALIAS, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True}
     content, chunks, finish = "", 0, None
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
@@ -218,6 +233,8 @@ def stream_chat(url: str, messages: list[dict], max_tokens: int) -> tuple[str, i
             if piece:
                 content += piece
                 chunks += 1
+                if on_chunk:
+                    on_chunk(chunks)
             finish = choice.get("finish_reason") or finish
         assert done, "stream ended without [DONE]"
     return content, chunks, finish
@@ -293,13 +310,21 @@ def test_concurrent_streams_all_finish(server: str) -> None:
 
 
 def test_health_probe_does_not_interrupt_a_stream(server: str) -> None:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        streaming = pool.submit(stream_chat, server, LONG_ANSWER, 48)
-        time.sleep(0.5)
+    max_tokens = 96
+    started, received = threading.Event(), []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        streaming = pool.submit(
+            stream_chat, server, LONG_ANSWER, max_tokens, lambda n: (received.append(n), started.set())
+        )
+        assert started.wait(120), "the stream started"
+        sent_at = len(received)
         probe = requests.get(f"{server}/v1/models", timeout=300)
+        answered_at = len(received)
         _unused, chunks, finish = streaming.result()
     assert probe.ok
-    assert (chunks, finish) == (48, "length")
+    # The probe went out and came back while the stream was running, not before or after it.
+    assert sent_at >= 1 and answered_at < max_tokens, (sent_at, answered_at)
+    assert (chunks, finish) == (max_tokens, "length")
 
 
 # ---- the registry

@@ -225,3 +225,58 @@ def test_hadolint_clean() -> None:
     files = sorted(str(p) for p in DOCKER_DIR.glob("*.Dockerfile"))
     proc = subprocess.run([str(hadolint), *files], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+STRIP_SCRIPT = DOCKER_DIR / "strip-venv.sh"
+
+
+def test_the_strip_step_is_the_shared_script(dockerfile: Dockerfile) -> None:
+    build = dockerfile.stages[0]
+    assert "strip-venv.sh /usr/local/bin/" in build.all("COPY")
+    runs = build.all("RUN")
+    assert runs[-1] == "strip-venv.sh /opt/llmpods", "the build stage ends with the shared strip step"
+    install = next(i for i, r in enumerate(runs) if "pip install" in r)
+    assert install < len(runs) - 1
+    assert not any("site-packages" in r for r in runs), "no copy of the strip step inline"
+
+
+def fake_venv(root: Path) -> Path:
+    """What the wheel install leaves in the venv, in miniature: the package, the CMake tree, pip, library copies."""
+    site = root / "lib" / "python3.11" / "site-packages"
+    lib = site / "llama_cpp" / "lib"
+    lib.mkdir(parents=True)
+    for name in ("libllama.so.0.0.7", "libggml-base.so.0.9.4"):
+        (lib / name).write_bytes(b"\x7fELF" + name.encode())
+        stem = name.split(".so.")[0]
+        for alias in (f"{stem}.so.0", f"{stem}.so"):
+            (lib / alias).write_bytes(b"\x7fELF" + name.encode())  # the wheel copies, it does not link
+    (site / "llama_cpp" / "__init__.py").write_text("")
+    for junk in ("lib/cmake", "include", "pip", "pip-24.2.dist-info", "setuptools", "setuptools-75.dist-info"):
+        (site / junk).mkdir(parents=True)
+    (site / "_distutils_hack").mkdir()
+    (site / "distutils-precedence.pth").write_text("")
+    (root / "bin").mkdir()
+    for name in ("pip", "pip3", "python3"):
+        (root / "bin" / name).write_text("")
+    return site
+
+
+def test_strip_script_keeps_what_the_server_imports(tmp_path: Path) -> None:
+    site = fake_venv(tmp_path)
+    proc = subprocess.run(["bash", str(STRIP_SCRIPT), str(tmp_path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in site.iterdir()) == ["llama_cpp"]
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["python3"]
+    lib = site / "llama_cpp" / "lib"
+    for stem, real in (("libllama", "libllama.so.0.0.7"), ("libggml-base", "libggml-base.so.0.9.4")):
+        assert (lib / real).is_file() and not (lib / real).is_symlink()
+        for alias in (f"{stem}.so.0", f"{stem}.so"):
+            assert (lib / alias).is_symlink() and (lib / alias).readlink() == Path(real), alias
+
+
+def test_strip_script_refuses_a_venv_without_llama_cpp(tmp_path: Path) -> None:
+    (tmp_path / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    proc = subprocess.run(["bash", str(STRIP_SCRIPT), str(tmp_path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "no llama_cpp" in proc.stderr
+    assert (tmp_path / "lib" / "python3.11" / "site-packages").is_dir(), "nothing removed"
