@@ -35,6 +35,8 @@ WAIT_SPEC = dict(
 )
 """Argument spec paired 1:1 with the ``llmpods.inference._wait`` doc fragment."""
 
+# The DNS-label rule's home is the llmpods.inference.dns_label test plugin; a module runs on the target without
+# the controller's plugins, so it keeps this copy.
 MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 STAGES = ("readiness", "models", "completion")

