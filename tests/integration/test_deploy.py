@@ -6,15 +6,20 @@ Note: these tests replace a local deploy of the demo model that is already runni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import ROOT, STATE, VENV_BIN, free_port, need, run_playbook
+from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, free_port, need, run_playbook
+from helpers.gateway import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -55,9 +60,9 @@ def survey_extra_vars(template: str, **answers) -> dict:
     return out
 
 
-def pod_containers() -> list[str]:
+def pod_containers(pod: str = POD) -> list[str]:
     out = subprocess.run(
-        ["docker", "ps", "-a", "--filter", f"label=io.llmpods.pod={POD}", "--format", "{{.Names}}"],
+        ["docker", "ps", "-a", "--filter", f"label=io.llmpods.pod={pod}", "--format", "{{.Names}}"],
         capture_output=True,
         text=True,
         check=True,
@@ -67,6 +72,52 @@ def pod_containers() -> list[str]:
 
 def read_key() -> str:
     return KEY_FILE.read_text().splitlines()[0].strip()
+
+
+def started(names: list[str]) -> dict[str, tuple[str, str]]:
+    """Container name -> (id, start time): a container that was recreated or restarted shows a new pair."""
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{.Name}} {{.Id}} {{.State.StartedAt}}", *names],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {name.lstrip("/"): (cid, at) for name, cid, at in (line.split() for line in out.splitlines())}
+
+
+def status_with(base_url: str, key: str) -> int:
+    return requests.get(f"{base_url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code
+
+
+class ProcessArguments:
+    """Every distinct command line (/proc/*/cmdline) seen on this host while it runs, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.snapshot()
+            time.sleep(0.02)
+
+    def snapshot(self) -> None:
+        for path in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):  # the process ended meanwhile
+                self.seen.add(path.read_bytes())
+
+    def __enter__(self) -> ProcessArguments:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.snapshot()
+
+    def showing(self, secret: str) -> list[str]:
+        return [c.replace(b"\0", b" ").decode(errors="replace")[:200] for c in self.seen if secret.encode() in c]
 
 
 # --------------------------------------------------------------------------------------------- static checks
@@ -140,6 +191,46 @@ def test_bad_catalog_entries_fail_before_anything_changes(entry, field, expected
     assert not (STATE / "pods" / bad["name"]).exists()
 
 
+# --------------------------------------------------------------------------------------------- check mode, fresh
+
+
+SETTINGS = ("llmpods_state_dir", "llmpods_models_dir", "llmpods_models")
+
+
+def test_check_mode_on_a_fresh_host_creates_nothing(docker_engine, demo_model, cpu_image, tmp_path):
+    """deploy.yml --check and undeploy.yml --check for a model never deployed, with an empty state directory."""
+    need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
+    name = "fresh" + uuid.uuid4().hex[:8]
+    state = tmp_path / "state"
+    extra = {
+        **survey_extra_vars("deploy.yml", llmpods_local_port=free_port()),
+        "llmpods_state_dir": str(state),
+        "llmpods_models_dir": str(demo_model.parent),
+        "llmpods_models": [{"name": name, "file": DEMO_MODEL_FILE, "target": "cpu", "context_size": 2048}],
+    }
+    images = subprocess.run(["docker", "images", "-q"], capture_output=True, text=True, check=True).stdout
+
+    check = run_playbook(ROOT / "playbooks" / "deploy.yml", extra, check=True, diff=True)
+    assert check.rc == 0, check.failure()
+    # It says what a deploy would do (a new key, the pod) ...
+    assert check.changed > 0
+    # ... and does none of it.
+    assert pod_containers(f"llm-{name}") == []
+    # The one exception: keda_chart renders the gateway config into its staging directory even in check mode
+    # (scratch files for `helm template`, not deployment state). Anything else written is a failure.
+    created = sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file()) if state.exists() else []
+    created = [path for path in created if not path.startswith(f"chart/{name}/")]
+    assert created == [], f"check mode wrote into the state directory: {created}"
+    assert not (state / "keys").exists() and not (state / "pods").exists() and not (state / "deploy.json").exists()
+    assert subprocess.run(["docker", "images", "-q"], capture_output=True, text=True, check=True).stdout == images
+
+    undeploy_extra = {**survey_extra_vars("undeploy.yml"), **{k: extra[k] for k in SETTINGS}}
+    gone = run_playbook(ROOT / "playbooks" / "undeploy.yml", undeploy_extra, check=True)
+    assert gone.rc == 0, gone.failure()
+    assert gone.changed == 0, [t["name"] for t in gone.tasks() if t["result"].get("changed")]
+    assert not (state / "keys").exists() and not (state / "pods").exists()
+
+
 # --------------------------------------------------------------------------------------------- deploy twice
 
 
@@ -209,6 +300,42 @@ def test_pod_runs_as_the_chart_says(deployed):
     assert host["NetworkMode"].startswith("container:")
 
 
+def test_key_rotation_end_to_end(deployed):
+    """Edit the key file and deploy again: the new key works, the old one is refused, nothing restarts."""
+    base_url = f"http://127.0.0.1:{deployed['port']}/{MODEL}/v1"
+    old_text, old_key = KEY_FILE.read_text(), read_key()
+    new_key = "sk-llmpods-rotated-" + uuid.uuid4().hex
+    names = pod_containers()
+    before = started(names)
+    assert status_with(base_url, old_key) == 200
+    try:
+        # The old key retired by commenting it out, as a user would.
+        KEY_FILE.write_text(f"{new_key}\n#{old_key}\n")
+        rotated = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
+        assert rotated.rc == 0, rotated.failure()
+        assert new_key not in rotated.stdout + rotated.stderr
+        wait_for(lambda: status_with(base_url, old_key) == 401, 30, 0.2, "the old key refused")
+        assert status_with(base_url, new_key) == 200
+        assert pod_containers() == names
+        assert started(names) == before, "the rotation recreated or restarted a container"
+    finally:
+        KEY_FILE.write_text(old_text)
+        restored = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
+        assert restored.rc == 0, restored.failure()
+    wait_for(lambda: status_with(base_url, old_key) == 200, 30, 0.2, "the old key back")
+
+
+def test_undeploy_check_mode_removes_nothing(deployed):
+    names = pod_containers()
+    before = started(names)
+    result = run_playbook(ROOT / "playbooks" / "undeploy.yml", survey_extra_vars("undeploy.yml"), check=True)
+    assert result.rc == 0, result.failure()
+    assert result.changed > 0, "check mode says the pod would go"
+    assert started(pod_containers()) == before
+    assert (STATE / "pods" / MODEL).exists()
+    assert requests.get(f"http://127.0.0.1:{deployed['port']}/alive", timeout=10).status_code == 200
+
+
 def test_check_mode_after_deploy_changes_nothing(deployed):
     result = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"], check=True)
     assert result.rc == 0, result.failure()
@@ -245,10 +372,24 @@ def recap_changed(output: str) -> int:
     return int(found[-1])
 
 
+def assert_key_not_shown(key: str, arguments: ProcessArguments) -> None:
+    """The key is in no container's configuration, no container log and no process's arguments."""
+    arguments.snapshot()  # the pod's processes as they run now, after a request went through
+    assert arguments.showing(key) == [], "the key was in a command line"
+    names = pod_containers()
+    assert names == [f"{POD}-gateway", f"{POD}-inference", f"{POD}-infra"]
+    for name in names:
+        inspect = subprocess.run(["docker", "inspect", name], capture_output=True, text=True, check=True).stdout
+        assert key not in inspect, f"docker inspect {name} shows the key"
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True, check=True)
+        assert key not in logs.stdout + logs.stderr, f"docker logs {name} shows the key"
+
+
 def test_make_deploy_twice_then_make_undeploy(docker_engine, demo_model, cpu_image):
     """What a new user types: the second `make deploy` changes nothing, `make undeploy` leaves nothing behind."""
     need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
-    first = make("deploy")
+    with ProcessArguments() as arguments:
+        first = make("deploy")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     summary = json.loads((STATE / "deploy.json").read_text())
     assert summary["base_url"] == f"http://127.0.0.1:8080/{MODEL}/v1"
@@ -265,6 +406,7 @@ def test_make_deploy_twice_then_make_undeploy(docker_engine, demo_model, cpu_ima
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] >= 1
+    assert_key_not_shown(read_key(), arguments)
     gone = make("undeploy")
     assert gone.returncode == 0, gone.stdout[-3000:] + gone.stderr[-2000:]
     assert pod_containers() == []
