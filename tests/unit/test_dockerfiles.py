@@ -247,7 +247,7 @@ def fake_venv(root: Path) -> Path:
     lib.mkdir(parents=True)
     for name in ("libllama.so.0.0.7", "libggml-base.so.0.9.4"):
         (lib / name).write_bytes(b"\x7fELF" + name.encode())
-        stem = name.split(".so.")[0]
+        stem = name.split(".so.", maxsplit=1)[0]
         for alias in (f"{stem}.so.0", f"{stem}.so"):
             (lib / alias).write_bytes(b"\x7fELF" + name.encode())  # the wheel copies, it does not link
     (site / "llama_cpp" / "__init__.py").write_text("")
