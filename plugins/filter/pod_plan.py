@@ -220,8 +220,8 @@ class PodPlanner:
         for key, path, mode in entries:
             if key not in data:
                 raise PodPlanError(f"pod_plan: volume {name}: {kind} {ref} has no key {key}")
-            if path.startswith("/") or ".." in path.split("/"):
-                raise PodPlanError(f"pod_plan: volume {name}: item path {path!r} must stay inside the volume")
+            if "/" in path or path in ("", ".", ".."):
+                raise PodPlanError(f"pod_plan: volume {name}: item path {path!r} is not a file name")
             # fsGroup: root-owned, group fsGroup, group-readable (the kubelet's ownership rule).
             mode |= 0o440 if fs_group is not None else 0
             files.append(

@@ -382,9 +382,14 @@ REFUSED = [
         r"volume type nfs is not supported \(volume model\); the Docker target takes the model from a hostPath",
     ),
     (
-        "item path",
+        "item path out of the volume",
         _add("volumes.[2].configMap.items", [{"key": "nginx.conf", "path": "../escape"}]),
-        r"volume gateway-config: item path '../escape' must stay inside the volume",
+        r"volume gateway-config: item path '../escape' is not a file name",
+    ),
+    (
+        "item path in a subdirectory",
+        _add("volumes.[3].secret.items", [{"key": "api-keys", "path": "keys/api-keys"}]),
+        r"volume api-keys: item path 'keys/api-keys' is not a file name",
     ),
 ]
 
