@@ -198,13 +198,16 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-# Gateway answers, as the collection's nginx gateway and llama-cpp-python give them.
+# Gateway answers, as the collection's nginx gateway and llama-cpp-python give them (test_gateway.py holds the
+# gateway's answers to these, field for field).
 def alive(model: str = "smollm2") -> Reply:
     return Reply(200, {"status": "ready", "model": model})
 
 
 def loading(model: str = "smollm2") -> Reply:
-    return Reply(503, {"status": "loading", "model": model})
+    return Reply(
+        503, {"status": "loading", "model": model, "message": "GET /v1/models on the inference backend: status 502"}
+    )
 
 
 def model_list(*ids: str) -> Reply:
@@ -214,7 +217,14 @@ def model_list(*ids: str) -> Reply:
 def unauthorized() -> Reply:
     return Reply(
         401,
-        {"error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}},
+        {
+            "error": {
+                "message": "Invalid or missing API key. Send it as the header: Authorization: Bearer <key>",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        },
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, need, run_playbook
+from helpers import gateway_stub as stub
 from helpers.gateway import (
     CONFIG_PLAYBOOK,
     MODEL_NAME,
@@ -614,6 +615,34 @@ def test_readiness_stays_503_for_a_model_the_backend_does_not_serve(
             time.sleep(0.2)
     finally:
         gw.stop()
+
+
+def test_the_model_ready_stub_answers_as_the_gateway_does(recorded, nginx: None, tmp_path: Path) -> None:
+    """The scripted gateway of the model_ready unit tests (helpers/gateway_stub.py) against the real one: same
+    statuses, same bodies, the error fields too, so those tests stand for what the module meets."""
+    gw, _unused = recorded
+    status, body = gw.alive()
+    assert (status, body) == (stub.alive().status, stub.alive().body)
+
+    status, _unused, payload = request(gw.port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer("sk-wrong"))
+    real, scripted = json.loads(payload), stub.unauthorized().body
+    assert status == stub.unauthorized().status
+    assert set(real["error"]) == set(scripted["error"]), (real, scripted)
+    assert {k: real["error"][k] for k in ("type", "code", "param")} == {
+        k: scripted["error"][k] for k in ("type", "code", "param")
+    }
+
+    loading = Gateway(tmp_path / "loading", upstream_port=free_port(), listen_port=free_port())
+    write_keys(loading.keys_file, [KEY_A])
+    loading.render(run_playbook)
+    loading.start()
+    try:
+        status, body = loading.alive()
+    finally:
+        loading.stop()
+    assert status == stub.loading().status
+    assert set(body) == set(stub.loading().body), (body, stub.loading().body)
+    assert {k: body[k] for k in ("status", "model")} == {k: stub.loading().body[k] for k in ("status", "model")}
 
 
 def test_readiness_is_503_without_keys(recorded) -> None:

@@ -347,7 +347,8 @@ def test_loading_until_the_deadline_quotes_the_last_answer(serve) -> None:
         waiter_for(server.url, wait_timeout=1, wait_sleep=0.1).run()
     assert re.match(
         r"model smollm2 not ready after (1|[2-9]|\d\d+)\.\d s; "
-        r'last readiness answer 503 \{"status": "loading", "model": "smollm2"\} '
+        r'last readiness answer 503 \{"status": "loading", "model": "smollm2", '
+        r'"message": "GET /v1/models on the inference backend: status 502"\} '
         rf"\(GET {server.url}/alive, \d+ attempts\)$",
         str(caught.value),
     )
