@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-BIN := $(CURDIR)/$(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 STATE := $(CURDIR)/.llmpods
 BUILD := $(CURDIR)/.build
 COLLECTIONS := $(BUILD)/collections
@@ -22,18 +22,29 @@ export ANSIBLE_FORCE_COLOR := false
 
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/localhost.yml
 
-.PHONY: help venv collection helm model images deploy undeploy test lint sanity pytest molecule bench clean \
+.PHONY: help venv dev collection helm model images deploy undeploy test lint sanity pytest molecule bench clean \
 	cluster cluster-down test-cluster
 
 help: ## List the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(BIN)/activate: requirements-dev.txt
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+# Stamps: the venv is brought up to date when a requirements file is newer than its stamp. The deploy set is
+# installed without compiling bytecode: Python writes it on first import, and compiling all of Ansible up front
+# takes longer than the rest of the install.
+$(BIN)/.requirements: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --no-compile -r requirements.txt
 	touch $@
 
-venv: $(BIN)/activate ## Create the virtual environment with the pinned tools
+$(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requirements
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.requirements ## Create the virtual environment with what deploying needs (requirements.txt)
+
+dev: $(BIN)/.requirements-dev ## Add the lint, test and benchmark tools (requirements-dev.txt; compiles llama-cpp-python)
 
 $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
@@ -58,20 +69,20 @@ deploy: venv collection helm ## Serve the demo model on the local Docker engine 
 undeploy: venv collection ## Remove what `make deploy` started
 	$(PLAYBOOK) playbooks/undeploy.yml
 
-lint: venv collection ## yamllint, ruff, ansible-lint, hadolint
+lint: dev collection ## yamllint, ruff, ansible-lint, hadolint
 	$(BIN)/yamllint --strict .
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint files/docker/*.Dockerfile files/nginx/*.Dockerfile
 	$(BIN)/ansible-lint --offline --profile production
 
-sanity: venv ## ansible-test sanity on a copy of the collection
+sanity: dev ## ansible-test sanity on a copy of the collection
 	.ci/sanity.sh
 
-pytest: venv collection helm model ## Unit and integration tests (real Docker, nginx, llama-cpp-python)
+pytest: dev collection helm model images ## Unit and integration tests (real Docker, nginx, llama-cpp-python)
 	$(BIN)/pytest --durations=20
 
-molecule: venv collection helm ## The molecule scenario of the local target (`make test-cluster` runs the cluster one)
+molecule: dev collection helm ## The molecule scenario of the local target (`make test-cluster` runs the cluster one)
 	$(BIN)/molecule test -s default
 
 test: lint sanity pytest molecule ## Every test: what CI runs
@@ -82,13 +93,13 @@ cluster: ## Start a single-node Kubernetes cluster with KEDA (root; builds it on
 cluster-down: ## Remove that cluster and everything it started (the build cache stays)
 	tools/cluster/down.sh
 
-test-cluster: venv collection helm model ## The Kubernetes target on the cluster of `make cluster`
+test-cluster: dev collection helm model ## The Kubernetes target on the cluster of `make cluster`
 	$(BIN)/pytest --durations=20 -rP -p no:cacheprovider tests/cluster
 	set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
 	  LLMPODS_REGISTRY=$$LLMPODS_CLUSTER_REGISTRY LLMPODS_TEST_MODEL_HOST_PATH=$(STATE)/models \
 	  $(BIN)/molecule test -s kubernetes
 
-bench: venv collection helm model ## Benchmarks (not tests): print side-by-side ratios
+bench: dev collection helm model ## Benchmarks (not tests): print side-by-side ratios
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean: ## Remove the virtual environment and build outputs (not .llmpods)

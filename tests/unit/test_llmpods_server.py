@@ -15,7 +15,7 @@ from conftest import ROOT, need_module
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
 
-llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-test.txt)")
+llama_cpp = need_module("llama_cpp", "llama-cpp-python[server] (requirements-dev.txt, `make dev`)")
 from fastapi.testclient import TestClient  # noqa: E402
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
 from llmpods_server import count, server  # noqa: E402
