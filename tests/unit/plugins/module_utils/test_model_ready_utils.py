@@ -388,6 +388,22 @@ def test_model_missing_names_the_listed_ids(serve) -> None:
     assert waiter.result()["models"] == ["tinyllama", "qwen2"]
 
 
+def test_the_key_does_not_follow_a_redirect(serve) -> None:
+    """A models answer that redirects elsewhere: the request is followed, the key is not sent along."""
+    elsewhere = serve({"/smollm2/v1/models": [model_list("smollm2")]})
+    gateway = serve(
+        {
+            "/alive": [alive()],
+            "/smollm2/v1/models": [Reply(302, "", headers={"Location": f"{elsewhere.url}/smollm2/v1/models"})],
+        }
+    )
+    result = waiter_for(gateway.url, api_key=KEY).run()
+    assert result["ready"] is True
+    assert gateway.requests("/smollm2/v1/models")[0].headers["Authorization"] == f"Bearer {KEY}"
+    [followed] = elsewhere.requests("/smollm2/v1/models")
+    assert "Authorization" not in followed.headers, followed.headers
+
+
 def test_model_listed_late(serve) -> None:
     server = serve(
         {
