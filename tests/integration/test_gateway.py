@@ -645,6 +645,47 @@ def test_the_model_ready_stub_answers_as_the_gateway_does(recorded, nginx: None,
     assert {k: body[k] for k in ("status", "model")} == {k: stub.loading().body[k] for k in ("status", "model")}
 
 
+@pytest.mark.parametrize(
+    ("scheme", "spaces", "newline"),
+    [("bearer", " ", "\n"), ("BEARER", "   ", "\n"), ("Bearer", " ", "\r\n")],
+    ids=["lower-case scheme", "several spaces", "CRLF keys file"],
+)
+def test_valid_keys_in_the_forms_clients_send(recorded, scheme: str, spaces: str, newline: str) -> None:
+    gw, _unused = recorded
+    key = "sk-llmpods-" + uuid.uuid4().hex
+    tmp = gw.keys_file.with_name("api-keys.new")
+    tmp.write_bytes(newline.join(["# keys", key, KEY_A, ""]).encode())
+    tmp.replace(gw.keys_file)
+    try:
+        headers = [("Authorization", f"{scheme}{spaces}{key}")]
+        wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=headers)[0] == 200, 10, 0.05, "key accepted")
+        assert request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 200, "the next line's key too"
+    finally:
+        write_keys(gw.keys_file, [KEY_A])
+    wait_for(lambda: request(gw.port, "GET", "/v1/models", headers=bearer(key))[0] == 401, 10, 0.05, "key gone")
+
+
+def test_api_calls_get_a_json_502_while_the_backend_is_down(nginx: None, tmp_path: Path) -> None:
+    gw = Gateway(tmp_path, upstream_port=free_port(), listen_port=free_port())  # nothing listens upstream
+    write_keys(gw.keys_file, [KEY_A])
+    gw.render(run_playbook)
+    gw.start()
+    try:
+        for method, path, body in [
+            ("GET", f"/{MODEL_NAME}/v1/models", None),
+            ("POST", f"/{MODEL_NAME}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ]:
+            status, headers, payload = request(gw.port, method, path, headers=bearer(KEY_A), body=body)
+            assert status == 502, payload
+            assert headers["content-type"].startswith("application/json")
+            error = json.loads(payload)["error"]
+            assert set(error) >= ERROR_KEYS
+            assert (error["type"], error["code"]) == ("server_error", "backend_unavailable"), error
+            assert MODEL_NAME in error["message"]
+    finally:
+        gw.stop()
+
+
 def test_readiness_is_503_without_keys(recorded) -> None:
     gw, _unused = recorded
     write_keys(gw.keys_file, [])
