@@ -7,7 +7,7 @@ a cluster (nothing here needs either).
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT, free_port, need, run_playbook
+from conftest import ROOT, STATE, free_port, need, run_playbook
 
 GOOD = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "context_size": 2048}
 DOWNLOAD = {"url": "https://models.example.test/tiny.gguf", "sha256": "ab" * 32}
@@ -65,6 +65,7 @@ def assert_refused_by_the_catalog_check(result) -> str:
 def test_a_bad_entry_is_refused_by_entry_and_field(entry: dict, field: str, expected: str) -> None:
     bad = {key: value for key, value in {**GOOD, "name": "badmodel", **entry}.items() if value is not None}
     failure = assert_refused_by_the_catalog_check(deploy([GOOD, bad]))
+    assert not (STATE / "keys" / "badmodel.keys").exists(), "no key file for a refused catalog"
     assert f"llmpods_models[1] ({bad.get('name', 'no name')}): field {field}" in failure, failure
     assert expected in failure, failure
     assert "llmpods_models[0]" not in failure, "the good entry is not blamed"
