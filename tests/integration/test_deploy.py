@@ -70,6 +70,14 @@ def pod_containers(pod: str = POD) -> list[str]:
     return sorted(out.split())
 
 
+def all_containers() -> list[str]:
+    """Every container on the engine, whoever made it: what a failed deploy must leave as it was."""
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--format", "{{.Names}} {{.ID}} {{.State}}"], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(out.splitlines())
+
+
 def read_key() -> str:
     return KEY_FILE.read_text().splitlines()[0].strip()
 
@@ -172,7 +180,7 @@ GOOD = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": 
     ],
 )
 def test_bad_catalog_entries_fail_before_anything_changes(entry, field, expected):
-    before = pod_containers()
+    before = all_containers()
     bad = {**GOOD, "name": "badmodel", **entry}
     catalog = [GOOD, bad]
     result = run_playbook(
@@ -187,7 +195,7 @@ def test_bad_catalog_entries_fail_before_anything_changes(entry, field, expected
     assert result.changed == 0
     # Only the catalog check ran.
     assert [t["name"] for t in result.tasks()][-1] == "Check the catalog entries"
-    assert pod_containers() == before
+    assert all_containers() == before
     assert not (STATE / "pods" / bad["name"]).exists()
 
 
@@ -323,6 +331,27 @@ def test_key_rotation_end_to_end(deployed):
         restored = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
         assert restored.rc == 0, restored.failure()
     wait_for(lambda: status_with(base_url, old_key) == 200, 30, 0.2, "the old key back")
+
+
+def test_the_awx_credential_key_replaces_the_key_file(deployed):
+    """LLMPODS_API_KEY (what the AWX credential injects) is the only key while it is set, and is never shown."""
+    base_url = f"http://127.0.0.1:{deployed['port']}/{MODEL}/v1"
+    file_key, credential = read_key(), "sk-llmpods-credential-" + uuid.uuid4().hex
+    names = pod_containers()
+    before = started(names)
+    try:
+        run = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"], env={"LLMPODS_API_KEY": credential})
+        assert run.rc == 0, run.failure()
+        assert credential not in run.stdout + run.stderr
+        assert "$LLMPODS_API_KEY" in run.stdout, "the printed usage refers to the variable, not the key"
+        wait_for(lambda: status_with(base_url, file_key) == 401, 30, 0.2, "the key file's key refused")
+        assert status_with(base_url, credential) == 200
+        assert started(names) == before, "changing the key restarted a container"
+    finally:
+        restored = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
+        assert restored.rc == 0, restored.failure()
+    wait_for(lambda: status_with(base_url, file_key) == 200, 30, 0.2, "the key file's key back")
+    assert status_with(base_url, credential) == 401
 
 
 def test_undeploy_check_mode_removes_nothing(deployed):

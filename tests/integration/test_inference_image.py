@@ -319,11 +319,11 @@ def test_health_probe_does_not_interrupt_a_stream(server: str) -> None:
         assert started.wait(120), "the stream started"
         sent_at = len(received)
         probe = requests.get(f"{server}/v1/models", timeout=300)
-        answered_at = len(received)
         _unused, chunks, finish = streaming.result()
     assert probe.ok
-    # The probe went out and came back while the stream was running, not before or after it.
-    assert sent_at >= 1 and answered_at < max_tokens, (sent_at, answered_at)
+    # The probe went out while the stream was running (llama-cpp-python answers /v1/models only once the
+    # generation lets go of the model lock, which is why the gateway's readiness check uses another path).
+    assert 1 <= sent_at < max_tokens, sent_at
     assert (chunks, finish) == (max_tokens, "length")
 
 
