@@ -219,3 +219,23 @@ def test_a_template_change_makes_a_new_pod(pod):
     assert inspect["Config"]["Image"] == CPU_IMAGE
     pod.wait_ready()
     assert pod.status(pod.key) == 200
+
+
+def test_what_the_chart_never_renders_fails_before_any_change(tmp_path, docker_engine, demo_model):
+    need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
+    pod = Pod(tmp_path, free_port())
+    manifests = pod.manifests(["sk-test-" + secrets.token_urlsafe(24)], 2048)
+    deployment = next(doc for doc in manifests if doc["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][1]["envFrom"] = [{"configMapRef": {"name": "extra"}}]
+    pod_vars = {
+        "local_pod_name": f"{POD}-refused",
+        "local_pod_manifests": manifests,
+        "local_pod_state_dir": str(tmp_path / "pod"),
+        "local_pod_host_port": pod.port,
+        "local_pod_state": "present",
+    }
+    result = run_playbook(pod.playbook, {"pod_vars": pod_vars})
+    assert result.rc != 0
+    assert "pod_plan: envFrom is not supported (container gateway)" in result.stdout, result.failure()
+    assert result.changed == 0
+    assert not (tmp_path / "pod").exists()
