@@ -1,4 +1,5 @@
-"""Shared test plumbing: where things are, how to run a playbook, and the CI rule.
+"""The CI rule and the shared fixtures; where things are and how to run a playbook live in helpers/env.py
+(re-exported here, and imported by bench/).
 
 Under ``CI=true`` a missing dependency (Docker engine, nginx, Helm, the demo model) fails the test
 that needs it; elsewhere it skips with the reason. Under ``CI=true`` no test skips at all: a hook below turns any
