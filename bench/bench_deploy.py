@@ -1,8 +1,9 @@
 """How long `make deploy` takes: a first deploy on a fresh checkout, and then with warm caches, stage by stage.
 
-With --cold, first a first-time `make deploy` into a new virtual environment, target by target, as `make deploy`
-runs them: the venv (requirements.txt only), Helm, the images, the demo model, the pod until it answers; the host
-side (everything but the image build and the model download) against its goal of one minute. The image build
+With --cold (or --cold-only), first a first-time `make deploy` into a new virtual environment, in parts: the
+venv (requirements.txt only), Helm, then the deploy playbook split by its stages into the image build, the demo
+model and the rest until the model answers; the host side (everything but the image build and the model) against
+its goal of one minute. The image build
 uses Docker's layer cache and the model the copy in .llmpods/models unless they are removed first; the figures
 say which.
 
@@ -160,53 +161,68 @@ def model_ready_after_restart() -> tuple[float, float, float]:
     return returned - seen[0], wait_sleep, seen[0] - started_at(f"{POD}-inference")
 
 
-def make(target: str, venv: Path) -> float:
-    """Seconds for one `make <target>` with the venv at ``venv``."""
+def make(target: str, venv: Path, **env: str) -> tuple[float, str]:
+    """Seconds and standard output of one `make -s <target>` with the venv at ``venv``."""
     start = time.monotonic()
     proc = subprocess.run(
-        ["make", "--no-print-directory", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=False
+        ["make", "-s", "--no-print-directory", target, f"VENV={venv}"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         sys.exit(f"make {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
-    return time.monotonic() - start
+    return time.monotonic() - start, proc.stdout
 
 
 def cold_first_deploy(venv: Path) -> None:
-    """`make deploy` on a fresh checkout, split into the targets it runs, each timed on its own."""
+    """A first `make deploy` in a new venv: the targets it runs, then the deploy playbook split by its stages."""
     shutil.rmtree(venv, ignore_errors=True)
     image_cached = bool(
         subprocess.run(["docker", "images", "-q", CPU_IMAGE], capture_output=True, text=True, check=True).stdout
     )
     model_cached = (ROOT / ".llmpods" / "models" / DEMO_MODEL_FILE).exists()
     playbook("undeploy.yml")
-    parts = {"venv (requirements.txt)": make("venv", venv)}
-    parts["helm"] = make("helm", venv)
-    parts["collection"] = make("collection", venv)
-    parts["images" + (" (layer cache)" if image_cached else " (cold)")] = make("images", venv)
-    parts["demo model" + (" (present)" if model_cached else " (download)")] = make("model", venv)
-    parts["pod until it answers"] = make("deploy", venv)
-    host = sum(v for k, v in parts.items() if not k.startswith(("images", "demo model")))
-    print(f"\n{'first make deploy, by target':<36}{'seconds':>10}")
+    parts = {"venv (requirements.txt)": make("venv", venv)[0]}
+    parts["helm"] = make("helm", venv)[0]
+    parts["collection"] = make("collection", venv)[0]
+    # The rest of `make deploy` is the playbook; the json callback gives its stages.
+    wall, out = make("deploy", venv, ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json")
+    deploy_stages = stages(json.loads(out))
+    image = deploy_stages.get("images", 0.0)
+    model = deploy_stages.get("demo model", 0.0)
+    parts["image build" + (" (layer cache)" if image_cached else " (cold)")] = image
+    parts["demo model" + (" (present)" if model_cached else " (download)")] = model
+    parts["deploy until the model answers"] = wall - image - model
+    host = sum(v for k, v in parts.items() if not k.startswith(("image build", "demo model")))
+    print(f"\n{'first make deploy, by part':<36}{'seconds':>10}")
     for name, seconds in parts.items():
         print(f"{name:<36}{seconds:>10.1f}")
     print(f"{'total':<36}{sum(parts.values()):>10.1f}")
-    print(f"host side (all but images and model): {host:.1f} s, goal 60 s, ratio {host / 60:.2f}")
-    installed = subprocess.run([str(venv / "bin" / "pip"), "list"], capture_output=True, text=True, check=True).stdout
-    extra = [n for n in ("llama_cpp_python", "pytest", "ansible-lint", "molecule", "ruff") if n in installed]
-    print(f"lint/test packages in the deploy venv: {extra or 'none'}")
-    subprocess.run(
-        ["make", "--no-print-directory", "undeploy", f"VENV={venv}"], cwd=ROOT, capture_output=True, check=False
+    print(f"host side (all but the image build and the model): {host:.1f} s; goal 60 s, ratio {host / 60:.2f}")
+    installed = (
+        subprocess.run([str(venv / "bin" / "pip"), "list"], capture_output=True, text=True, check=True)
+        .stdout.lower()
+        .replace("-", "_")
     )
+    extra = [n for n in ("llama_cpp_python", "pytest", "ansible_lint", "molecule", "ruff") if n in installed]
+    print(f"lint/test packages in the deploy venv: {extra or 'none'}")
+    make("undeploy", venv)
     shutil.rmtree(venv, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", action="store_true", help="first time a first-time make deploy in a new venv")
+    parser.add_argument("--cold-only", action="store_true", help="--cold, and not the warm figures after it")
     parser.add_argument("--venv", type=Path, default=ROOT / ".build" / "bench-venv", help="where --cold puts it")
     args = parser.parse_args()
-    if args.cold:
+    if args.cold or args.cold_only:
         cold_first_deploy(args.venv)
+    if args.cold_only:
+        return
 
     print("warming up: images, demo model, one deploy")
     playbook("deploy.yml")
