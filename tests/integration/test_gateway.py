@@ -686,6 +686,28 @@ def test_api_calls_get_a_json_502_while_the_backend_is_down(nginx: None, tmp_pat
         gw.stop()
 
 
+@pytest.mark.parametrize("how", ["missing", "unreadable"])
+def test_no_keys_file_means_no_key_and_not_ready(recorded, how: str) -> None:
+    gw, upstream = recorded
+    before = len(upstream.seen)
+    gw.keys_file.unlink()
+    if how == "unreadable":
+        gw.keys_file.mkdir()  # a directory where the file should be: unreadable as a file, even for root
+    try:
+        wait_for(
+            lambda: request(gw.port, "GET", "/v1/models", headers=bearer(KEY_A))[0] == 401, 10, 0.05, "key refused"
+        )
+        status, body = gw.alive()
+        assert (status, body["status"]) == (503, "no_keys"), body
+        assert str(gw.keys_file) in body["message"]
+        assert len(upstream.seen) == before, "nothing reached the backend"
+    finally:
+        if gw.keys_file.is_dir():
+            gw.keys_file.rmdir()
+        write_keys(gw.keys_file, [KEY_A])
+    wait_for(lambda: gw.alive()[0] == 200, 10, 0.05, "ready again")
+
+
 def test_readiness_is_503_without_keys(recorded) -> None:
     gw, _unused = recorded
     write_keys(gw.keys_file, [])
