@@ -53,24 +53,15 @@ STAGES = [
         (
             "local_pod : Check",
             "local_pod : Plan",
+            "local_pod : Show",
+            "local_pod : Stop",
             "local_pod : Look",
+            "local_pod : Tell",
             "local_pod : Create",
             "local_pod : Write",
-            "local_pod : Show",
         ),
     ),
-    ("pod: containers", ("local_pod : Start", "local_pod : Run the init", "local_pod : List", "local_pod : Remove")),
-    (
-        "pod: probes",
-        (
-            "local_pod : Probe",
-            "local_pod : Wait",
-            "local_pod : Find",
-            "local_pod : Collect",
-            "local_pod : Read",
-            "local_pod : Fail",
-        ),
-    ),
+    ("pod: containers", ("local_pod : Start", "local_pod : List", "local_pod : Remove")),
     ("model_ready", ("answers", "Wait until it answers")),
     ("summary", ("summary", "endpoint")),
 ]

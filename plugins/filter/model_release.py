@@ -23,8 +23,12 @@ GPU_VENDORS = {"cpu": "none", "vulkan": "none", "cuda": "nvidia", "rocm": "amd"}
 SOURCES = ("download", "hostPath", "persistentVolumeClaim")
 # The item of the Secret that holds the keys; the chart mounts it as the gateway's keys file.
 KEYS_ITEM = "api-keys"
-# A key the gateway accepts: printable ASCII without spaces, at least 16 characters.
-KEY_PATTERN = re.compile(r"^[!-~]{16,}$")
+# A key: the syntax the gateway accepts (files/nginx/gateway.js, KEY_SYNTAX: RFC 6750 token characters, no "/" at
+# either end, no "//", no path segment starting with "."), at least 16 characters so that no deployment has a weak key.
+KEY_PATTERN = re.compile(
+    r"^(?=[^ ]{16,200}$)[A-Za-z0-9_~+=-][A-Za-z0-9._~+=-]*(?:/[A-Za-z0-9_~+=-][A-Za-z0-9._~+=-]*)*$"
+)
+KEY_RULE = "16 to 200 of A-Z a-z 0-9 - . _ ~ + / = (no / at either end, no // and no /.)"
 
 
 def _field(entry: Mapping[str, Any], name: str, default: Any = None) -> Any:
@@ -63,8 +67,7 @@ def api_key_secret(
     if bad:
         # Never show the key itself, only where it is.
         raise AnsibleFilterError(
-            f"model_release: Secret {name}: API key(s) at position {', '.join(map(str, bad))} must be 16 or more "
-            "printable characters without spaces"
+            f"model_release: Secret {name}: API key(s) at position {', '.join(map(str, bad))} must be {KEY_RULE}"
         )
     return {
         **secret,

@@ -5,6 +5,7 @@ Nothing here knows about pytest: a benchmark imports it as it is.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -21,6 +23,14 @@ DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL = STATE / "models" / DEMO_MODEL_FILE
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CPU_IMAGE = f"llmpods/inference-cpu:{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def plugin(kind: str, name: str) -> ModuleType:
+    """The collection's plugin file ``plugins/<kind>/<name>.py``, imported as a module (without Ansible's loader)."""
+    spec = importlib.util.spec_from_file_location(f"llmpods_{kind}_{name}", ROOT / "plugins" / kind / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ansible_env(**extra: str) -> dict[str, str]:

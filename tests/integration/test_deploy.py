@@ -317,8 +317,9 @@ def test_key_rotation_end_to_end(deployed):
     before = started(names)
     assert status_with(base_url, old_key) == 200
     try:
-        # The old key retired by commenting it out, as a user would.
-        KEY_FILE.write_text(f"{new_key}\n#{old_key}\n")
+        # The old key retired by commenting it out where it stands, as a user would: the first line is a comment,
+        # which the deploy skips like the gateway does (model_ready checks the model with the first key).
+        KEY_FILE.write_text(f"#{old_key}\n{new_key}\n")
         rotated = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])
         assert rotated.rc == 0, rotated.failure()
         assert new_key not in rotated.stdout + rotated.stderr
@@ -326,6 +327,11 @@ def test_key_rotation_end_to_end(deployed):
         assert status_with(base_url, new_key) == 200
         assert pod_containers() == names
         assert started(names) == before, "the rotation recreated or restarted a container"
+        # The curl command the deploy prints finds the key past the comment line.
+        usage = json.loads((STATE / "deploy.json").read_text())["usage"]
+        curl = ["bash", "-c", next(line for line in usage if line.startswith("curl"))]
+        printed = subprocess.run(curl, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert '"choices"' in printed.stdout, printed.stdout + printed.stderr
     finally:
         KEY_FILE.write_text(old_text)
         restored = run_playbook(ROOT / "playbooks" / "deploy.yml", deployed["extra"])

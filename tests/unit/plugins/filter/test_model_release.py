@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,9 @@ import pytest
 from ansible.errors import AnsibleFilterError
 from conftest import ROOT, need, run_playbook
 from helpers.chart import deep_merge, helm_binary, one, template, validate
+from helpers.env import plugin
 
-PLUGIN = ROOT / "plugins" / "filter" / "model_release.py"
-_spec = importlib.util.spec_from_file_location("llmpods_model_release", PLUGIN)
-model_release_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(model_release_module)
+model_release_module = plugin("filter", "model_release")
 model_release = model_release_module.model_release
 
 KEY = "sk-llmpods-unit-7d41c09be26a5f38"
@@ -108,7 +105,12 @@ def test_without_keys_the_secret_is_only_named() -> None:
         ({"context_size": "big"}, [KEY], "field context_size must be a whole number, got 'big'"),
         ({}, [], "there is no API key"),
         ({}, KEY, "keys must be a list of keys"),
-        ({}, ["short"], "API key(s) at position 0 must be 16 or more printable characters"),
+        ({}, ["short"], "API key(s) at position 0 must be 16 to 200 of A-Z"),
+        # Long enough, but no key the gateway accepts: a space, a character outside RFC 6750's, a leading "/".
+        ({}, [KEY, "sk-llmpods-with a-space"], "API key(s) at position 1 must be 16 to 200 of A-Z"),
+        ({}, ["sk-llmpods-!!!!!!!!!!"], "API key(s) at position 0 must be"),
+        ({}, ["/sk-llmpods-abcdefghij"], "API key(s) at position 0 must be"),
+        ({}, ["x" * 201], "API key(s) at position 0 must be"),
     ],
 )
 def test_bad_input_is_refused_by_name(entry: dict, keys, message: str) -> None:

@@ -6,17 +6,14 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import importlib.util
 import json
 
 import pytest
-from conftest import ROOT, need
+from conftest import need
 from helpers.chart import deep_merge, helm_binary, template
+from helpers.env import plugin
 
-PLUGIN = ROOT / "plugins" / "filter" / "pod_plan.py"
-_spec = importlib.util.spec_from_file_location("llmpods_pod_plan", PLUGIN)
-pod_plan_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pod_plan_module)
+pod_plan_module = plugin("filter", "pod_plan")
 PodPlanError = pod_plan_module.PodPlanError
 
 KEY = "sk-llmpods-unit-0123456789abcdef"

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from conftest import ROOT, need
+from conftest import need
 from helpers.chart import CHART, helm, helm_binary
+from helpers.env import plugin
 
-PLUGIN = ROOT / "plugins" / "test" / "dns_label.py"
-_spec = importlib.util.spec_from_file_location("llmpods_dns_label", PLUGIN)
-dns_label_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dns_label_module)
+dns_label_module = plugin("test", "dns_label")
 dns_label = dns_label_module.TestModule().tests()["dns_label"]
 
 CASES = {
