@@ -166,7 +166,12 @@ sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
 # Forward pod traffic where a Docker engine's FORWARD policy would drop it, but only after kube-proxy's rules:
 # a Service without endpoints must still reject connections (an ACCEPT ahead of kube-proxy, as the CNI firewall
 # plugin inserts, sends them out of the default route instead).
+# A packet still addressed to a Service IP here was not translated by kube-proxy (its rules lag behind a new
+# endpoint by up to a sync): it is refused, so the sender (the KEDA interceptor holding a cold start) gets a
+# connection error and retries, instead of an answer from whatever the default route leads to.
 iptables -N LLMPODS-FORWARD 2>/dev/null || true
+iptables -C LLMPODS-FORWARD -d "$SERVICE_CIDR" -p tcp -j REJECT --reject-with tcp-reset 2>/dev/null ||
+  iptables -A LLMPODS-FORWARD -d "$SERVICE_CIDR" -p tcp -j REJECT --reject-with tcp-reset
 iptables -C LLMPODS-FORWARD -s "$POD_CIDR" -j ACCEPT 2>/dev/null || iptables -A LLMPODS-FORWARD -s "$POD_CIDR" -j ACCEPT
 iptables -C LLMPODS-FORWARD -d "$POD_CIDR" -j ACCEPT 2>/dev/null || iptables -A LLMPODS-FORWARD -d "$POD_CIDR" -j ACCEPT
 iptables -C FORWARD -j LLMPODS-FORWARD 2>/dev/null || iptables -A FORWARD -j LLMPODS-FORWARD
