@@ -23,6 +23,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "files" / "helm" / "llm-inference"
 KEDA_SCHEMAS = ROOT / "tests" / "schemas" / "keda"
+# The demo model file, and placeholder gateway files: the chart carries them, the tests do not read them.
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NGINX_CONF = "# placeholder nginx.conf for the chart tests\nevents {}\n"
+GATEWAY_JS = "// placeholder gateway.js for the chart tests\nexport default {};\n"
+
+
+def base_values(*keys: str) -> dict[str, Any]:
+    """The smallest values a release of the demo model takes: a hostPath model, the gateway files, the keys."""
+    return {
+        "model": {
+            "name": "smollm2",
+            "file": MODEL_FILE,
+            "source": {"type": "hostPath", "hostPath": {"path": "/srv/llm-models"}},
+        },
+        "gateway": {"config": {"nginxConf": NGINX_CONF, "gatewayJs": GATEWAY_JS}},
+        "apiKeys": {"keys": list(keys)},
+    }
+
+
 # The oldest Kubernetes release the chart is checked against, and the newest kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 KEDA_KINDS = {

@@ -16,6 +16,10 @@ import yaml
 from conftest import ROOT, need, run_playbook
 from helpers.chart import (
     CHART,
+    GATEWAY_JS,
+    MODEL_FILE,
+    NGINX_CONF,
+    base_values,
     by_kind,
     deep_merge,
     helm,
@@ -26,22 +30,10 @@ from helpers.chart import (
     validate,
 )
 
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 KEY = "sk-llmpods-unit-7d41c09be26a5f38"
 ROTATED_KEY = "sk-llmpods-unit-rotated-93e0aa51"
-NGINX_CONF = "# placeholder nginx.conf for the chart tests\nevents {}\n"
-GATEWAY_JS = "// placeholder gateway.js for the chart tests\nexport default {};\n"
-
-BASE = {
-    "model": {
-        "name": "smollm2",
-        "file": MODEL_FILE,
-        "source": {"type": "hostPath", "hostPath": {"path": "/srv/llm-models"}},
-    },
-    "gateway": {"config": {"nginxConf": NGINX_CONF, "gatewayJs": GATEWAY_JS}},
-    "apiKeys": {"keys": [KEY, ROTATED_KEY]},
-}
+BASE = base_values(KEY, ROTATED_KEY)
 
 GPU = {
     "cpu": {},

@@ -10,7 +10,7 @@ import json
 
 import pytest
 from conftest import need
-from helpers.chart import deep_merge, helm_binary, template
+from helpers.chart import MODEL_FILE, NGINX_CONF, base_values, deep_merge, helm_binary, template
 from helpers.env import plugin
 
 pod_plan_module = plugin("filter", "pod_plan")
@@ -18,17 +18,7 @@ PodPlanError = pod_plan_module.PodPlanError
 
 KEY = "sk-llmpods-unit-0123456789abcdef"
 STATE = "/srv/state/pods/smollm2"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NGINX_CONF = "events {}\n"
-BASE = {
-    "model": {
-        "name": "smollm2",
-        "file": MODEL_FILE,
-        "source": {"type": "hostPath", "hostPath": {"path": "/srv/llm-models"}},
-    },
-    "gateway": {"config": {"nginxConf": NGINX_CONF, "gatewayJs": "export default {};\n"}},
-    "apiKeys": {"keys": [KEY]},
-}
+BASE = base_values(KEY)
 DOWNLOAD = {
     "model": {
         "source": {
