@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the single-node test cluster from the binaries and images build.sh put in the cache: etcd and the
 # control plane with TLS and RBAC, containerd + CNI bridge, kubelet, kube-proxy, then CoreDNS, KEDA, the KEDA
-# HTTP add-on and Traefik inside the cluster. Prints the kubeconfig path. Run it again: what runs stays.
+# HTTP add-on, the Gateway API CRDs and Traefik inside the cluster. Prints the kubeconfig path. Run it again:
+# what runs stays.
 set -euo pipefail
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -309,6 +310,17 @@ log "KEDA HTTP add-on $KEDA_HTTP_ADDON_VERSION"
 "${KUBECTL[@]}" kustomize "$CACHE/src/keda-http-add-on-$KEDA_HTTP_ADDON_VERSION/config/default" \
   | local_images >"$DATA/manifests/keda-http-add-on.yaml"
 apply "$DATA/manifests/keda-http-add-on.yaml"
+
+log "Gateway API $GATEWAY_API_VERSION CRDs"
+gateway_api="$(cd /tmp && go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" \
+  | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+[[ -f "$gateway_api/config/crd/kustomization.yaml" ]] ||
+  die "go mod download sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION gave no CRDs"
+"${KUBECTL[@]}" kustomize "$gateway_api/config/crd" >"$DATA/manifests/gateway-api.yaml"
+apply "$DATA/manifests/gateway-api.yaml"
+"${KUBECTL[@]}" wait --for=condition=Established --timeout=60s crd/gatewayclasses.gateway.networking.k8s.io \
+  crd/gateways.gateway.networking.k8s.io crd/httproutes.gateway.networking.k8s.io \
+  crd/referencegrants.gateway.networking.k8s.io >/dev/null
 
 log "Traefik $TRAEFIK_VERSION (NodePort $INGRESS_NODE_PORT)"
 sed -e "s#@IMAGE@#$IMAGE_PREFIX/traefik:$TRAEFIK_VERSION#" -e "s#nodePort: 30080#nodePort: $INGRESS_NODE_PORT#" \
