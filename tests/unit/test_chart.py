@@ -448,6 +448,17 @@ def test_autoscaling_options() -> None:
     assert scaled["triggers"][0]["metadata"]["scalerAddress"] == "keda-add-ons-http-external-scaler.autoscaling:9090"
 
 
+def test_httpscaledobject_annotations() -> None:
+    """The orphan annotation of the add-on's migration to an InterceptorRoute reaches the HTTPScaledObject, and only it."""
+    orphan = {"httpscaledobject.keda.sh/orphan-scaledobject": "true"}
+    docs = template(values({"autoscaling": {"api": "httpscaledobject", "httpScaledObject": {"annotations": orphan}}}))
+    validate(docs)
+    assert one(docs, "HTTPScaledObject")["metadata"]["annotations"] == orphan
+    assert "annotations" not in one(docs, "Service")["metadata"]
+    plain = one(template(values({"autoscaling": {"api": "httpscaledobject"}})), "HTTPScaledObject")
+    assert "annotations" not in plain["metadata"]
+
+
 def test_no_hard_coded_namespace_or_hosts() -> None:
     for api in ("httpscaledobject", "interceptorroute"):
         docs = template(values({"autoscaling": {"api": api}}), namespace="ns-under-test")
@@ -503,6 +514,14 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         ({"service": {"port": 70000}}, "/service/port"),
         ({"replicas": 2}, "replicas"),
         ({"model": {"contextSize": "big"}}, "/model/contextSize"),
+        (
+            {
+                "autoscaling": {
+                    "httpScaledObject": {"annotations": {"httpscaledobject.keda.sh/orphan-scaledobject": True}}
+                }
+            },
+            "/autoscaling/httpScaledObject/annotations/httpscaledobject.keda.sh~1orphan-scaledobject",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
