@@ -1,0 +1,204 @@
+"""The Gateway API route on a real cluster (`make cluster`): llmpods_ingress_kind=httproute.
+
+The cluster's Traefik serves the Gateway traefik/traefik on the same NodePort as its Ingresses. The deploy playbook
+attaches an HTTPRoute for its own host to it, with a ReferenceGrant in the KEDA namespace, and every request takes
+the path a user's does: Traefik's Gateway listener -> the HTTPRoute -> the KEDA HTTP add-on interceptor -> the
+model's Service -> the gateway -> the inference server. No Ingress serves this host, so an answer came through the
+route. The tests run in file order and share one release in their own namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+import pytest
+import requests
+import test_kubernetes_target as kubernetes_target
+from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, need, run_playbook
+
+NAMESPACE = "llmpods-edge-route-test"
+MODEL = "smollm2"
+HOST = "edge-route.llmpods.test"
+GATEWAY = ("traefik", "traefik")
+KEDA_NAMESPACE = "keda"
+ROUTE = "llmpods"
+GRANT = f"{NAMESPACE}-{ROUTE}"
+STATE_DIR = STATE / "edge-route-test"
+GENERATION_TOKENS = 300
+
+# The cluster fixture and the kubectl helpers of the Kubernetes target's tests.
+cluster = kubernetes_target.cluster
+kget, kubectl = kubernetes_target.kget, kubernetes_target.kubectl
+
+
+def deploy_vars(cluster: dict[str, str], kind: str = "httproute") -> dict[str, Any]:
+    return {
+        "llmpods_target": "kubernetes",
+        "llmpods_kubeconfig": cluster["KUBECONFIG"],
+        "llmpods_namespace": NAMESPACE,
+        "llmpods_registry": cluster["LLMPODS_CLUSTER_REGISTRY"],
+        "llmpods_push": True,
+        "llmpods_ingress": True,
+        "llmpods_ingress_kind": kind,
+        "llmpods_gateway_ref": "/".join(GATEWAY),
+        "llmpods_ingress_host": HOST,
+        "llmpods_base_url": cluster["LLMPODS_CLUSTER_INGRESS"],
+        "llmpods_helm_binary": str(VENV_BIN / "helm"),
+        "llmpods_state_dir": str(STATE_DIR),
+        "llmpods_models_dir": str(STATE / "models"),
+        "llmpods_wait_timeout": 600,
+        "llmpods_models": [
+            {
+                "name": MODEL,
+                "file": DEMO_MODEL_FILE,
+                "target": "cpu",
+                "host_path": str(STATE / "models"),
+                "replicas": {"min": 0, "max": 1},
+                "context_size": 2048,
+                # The model stays up through the tests once the deploy has woken it.
+                "scaledown_period": 900,
+            }
+        ],
+    }
+
+
+def api_key() -> str:
+    return (STATE_DIR / "keys" / f"{MODEL}.keys").read_text().splitlines()[0].strip()
+
+
+def url(cluster: dict[str, str], path: str) -> str:
+    return f"{cluster['LLMPODS_CLUSTER_INGRESS']}/{MODEL}{path}"
+
+
+def headers(key: str | None = None) -> dict[str, str]:
+    out = {"Host": HOST, "Content-Type": "application/json"}
+    if key:
+        out["Authorization"] = f"Bearer {key}"
+    return out
+
+
+def story(stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell a long story about a lighthouse."}],
+        "max_tokens": GENERATION_TOKENS,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+def names(cluster: dict[str, str], namespace: str, kinds: str) -> list[str]:
+    items = kget(cluster, "-n", namespace, kinds, "-l", "app.kubernetes.io/name=keda-ingress")["items"]
+    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in items)
+
+
+def route_accepted(cluster: dict[str, str]) -> dict[str, str]:
+    """The conditions the Gateway's controller set on the HTTPRoute for its parent: {type: status}."""
+    route = kget(cluster, "-n", NAMESPACE, f"httproutes.gateway.networking.k8s.io/{ROUTE}")
+    parents = route.get("status", {}).get("parents", [])
+    for parent in parents:
+        ref = parent["parentRef"]
+        if (ref.get("namespace", NAMESPACE), ref["name"]) == GATEWAY:
+            assert parent["controllerName"] == "traefik.io/gateway-controller", parent
+            return {c["type"]: c["status"] for c in parent["conditions"]}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def routed(cluster: dict[str, str], demo_model) -> dict[str, Any]:
+    need(shutil.which("docker") is not None, "the docker client, to build and push the images")
+    extra = deploy_vars(cluster)
+    result = run_playbook(ROOT / "playbooks" / "deploy.yml", extra, timeout=3600)
+    assert result.data is not None, f"the playbook printed no JSON result: {result.stderr[-2000:]}"
+    assert result.rc == 0, result.failure()
+    return {"vars": extra, "result": result}
+
+
+def test_the_route_is_an_httproute_accepted_by_the_gateway(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    assert names(cluster, NAMESPACE, "ingresses,services") == [], "an httproute needs no Ingress nor ExternalName"
+    assert names(cluster, NAMESPACE, "httproutes.gateway.networking.k8s.io") == [f"HTTPRoute/{ROUTE}"]
+    assert names(cluster, KEDA_NAMESPACE, "referencegrants.gateway.networking.k8s.io") == [f"ReferenceGrant/{GRANT}"]
+    deadline = time.monotonic() + 60
+    conditions: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        conditions = route_accepted(cluster)
+        if conditions.get("Accepted") == "True" and conditions.get("ResolvedRefs") == "True":
+            break
+        time.sleep(2)
+    # ResolvedRefs is True only when the ReferenceGrant allows the backend in the KEDA namespace.
+    assert conditions.get("Accepted") == "True" and conditions.get("ResolvedRefs") == "True", conditions
+    route = kget(cluster, "-n", NAMESPACE, f"httproutes.gateway.networking.k8s.io/{ROUTE}")
+    assert route["spec"]["rules"][0]["timeouts"] == {"request": "960s", "backendRequest": "960s"}
+
+
+def test_request_without_key_gets_4xx_through_the_route(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8}
+    response = requests.post(url(cluster, "/v1/chat/completions"), headers=headers(), json=body, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert "choices" not in response.text
+
+
+def test_300_token_completion_arrives_whole(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    """Non-streamed: the first byte comes after the whole generation, and nothing on the route cuts it short."""
+    sent = time.monotonic()
+    response = requests.post(
+        url(cluster, "/v1/chat/completions"), headers=headers(api_key()), json=story(stream=False), timeout=900
+    )
+    took = time.monotonic() - sent
+    assert response.status_code == 200, response.text[:500]
+    answer = response.json()
+    assert answer["choices"][0]["finish_reason"] == "length", answer
+    assert answer["usage"]["completion_tokens"] == GENERATION_TOKENS, answer["usage"]
+    assert answer["choices"][0]["message"]["content"].strip(), answer
+    print(f"\n{GENERATION_TOKENS} tokens through the HTTPRoute in one answer: {took:.1f} s")
+
+
+def test_300_token_stream_arrives_whole(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    chunks, finish, done = 0, None, False
+    with requests.post(
+        url(cluster, "/v1/chat/completions"),
+        headers=headers(api_key()),
+        json=story(stream=True),
+        stream=True,
+        timeout=900,
+    ) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream"), response.headers
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                break
+            choice = json.loads(data)["choices"][0]
+            if choice.get("delta", {}).get("content"):
+                chunks += 1
+            finish = choice.get("finish_reason") or finish
+    assert done, "the stream ended without [DONE]"
+    assert finish == "length"
+    assert chunks >= GENERATION_TOKENS - 10, f"only {chunks} content chunks of {GENERATION_TOKENS} tokens arrived"
+
+
+def test_switching_to_an_ingress_leaves_one_route(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    """A deploy with llmpods_ingress_kind=ingress replaces the HTTPRoute and its grant with the Ingress."""
+    result = run_playbook(ROOT / "playbooks" / "deploy.yml", deploy_vars(cluster, kind="ingress"), timeout=3600)
+    assert result.rc == 0, result.failure()
+    assert names(cluster, NAMESPACE, "httproutes.gateway.networking.k8s.io") == []
+    assert names(cluster, KEDA_NAMESPACE, "referencegrants.gateway.networking.k8s.io") == []
+    assert names(cluster, NAMESPACE, "ingresses,services") == ["Ingress/llmpods", "Service/keda-interceptor"]
+    models = requests.get(url(cluster, "/v1/models"), headers=headers(api_key()), timeout=600)
+    assert models.status_code == 200, models.text
+    assert [m["id"] for m in models.json()["data"]] == [MODEL]
+
+
+def test_undeploy_removes_the_route(cluster: dict[str, str], routed: dict[str, Any]) -> None:
+    result = run_playbook(ROOT / "playbooks" / "undeploy.yml", deploy_vars(cluster), timeout=1800)
+    assert result.rc == 0, result.failure()
+    kinds = "ingresses,services,httproutes.gateway.networking.k8s.io"
+    assert names(cluster, NAMESPACE, kinds) == []
+    assert names(cluster, KEDA_NAMESPACE, "referencegrants.gateway.networking.k8s.io") == []
+    kubectl(cluster, "delete", "namespace", NAMESPACE, "--wait=false", check=False)
