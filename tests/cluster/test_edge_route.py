@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import test_kubernetes_target as kubernetes_target
+import yaml
 from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, need, run_playbook
 
 NAMESPACE = "llmpods-edge-route-test"
@@ -132,6 +134,40 @@ def test_the_route_is_an_httproute_accepted_by_the_gateway(cluster: dict[str, st
     assert conditions.get("Accepted") == "True" and conditions.get("ResolvedRefs") == "True", conditions
     route = kget(cluster, "-n", NAMESPACE, f"httproutes.gateway.networking.k8s.io/{ROUTE}")
     assert route["spec"]["rules"][0]["timeouts"] == {"request": "960s", "backendRequest": "960s"}
+
+
+def test_a_second_run_of_the_route_changes_nothing(
+    cluster: dict[str, str], routed: dict[str, Any], tmp_path: Path
+) -> None:
+    """The role on its own, with what the deploy passed it: check mode with diff, then a real run, change nothing."""
+    playbook = tmp_path / "route.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Route the host",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "tasks": [
+                        {"name": "Route", "ansible.builtin.include_role": {"name": "llmpods.inference.keda_ingress"}}
+                    ],
+                }
+            ]
+        )
+    )
+    route_vars = {
+        "keda_ingress_kind": "httproute",
+        "keda_ingress_host": HOST,
+        "keda_ingress_namespace": NAMESPACE,
+        "keda_ingress_gateway_namespace": GATEWAY[0],
+        "keda_ingress_gateway_name": GATEWAY[1],
+        "keda_ingress_kubeconfig": cluster["KUBECONFIG"],
+    }
+    for check in (True, False):
+        result = run_playbook(playbook, route_vars, check=check, diff=check, timeout=600)
+        assert result.rc == 0, result.failure()
+        changed = [t["name"] for t in result.tasks() if t["result"].get("changed")]
+        assert result.changed == 0, f"changed (check mode: {check}): {changed}"
 
 
 def test_request_without_key_gets_4xx_through_the_route(cluster: dict[str, str], routed: dict[str, Any]) -> None:
