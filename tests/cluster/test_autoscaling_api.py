@@ -204,6 +204,103 @@ def test_the_hpa_follows_a_new_target_on_httpscaledobject(
     assert_hpa_on_the_add_ons_metric(cluster, 2)
 
 
+def namespace_kubeconfig(cluster: dict[str, str], tmp_path: Path) -> Path:
+    """A kubeconfig for a ServiceAccount that may read and write in NAMESPACE only, as a tenant's deployer."""
+    account = "deployer"
+    manifest = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, "namespace": NAMESPACE}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": account, "namespace": NAMESPACE},
+            "rules": [
+                {"apiGroups": ["", "apps", "autoscaling"], "resources": ["*"], "verbs": ["*"]},
+                {"apiGroups": ["keda.sh", "http.keda.sh"], "resources": ["*"], "verbs": ["*"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": account, "namespace": NAMESPACE},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}],
+        },
+    ]
+    objects = tmp_path / "deployer.yaml"
+    objects.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": manifest}))
+    kubectl(cluster, "apply", "-f", str(objects))
+    token = kubectl(cluster, "-n", NAMESPACE, "create", "token", account, "--duration=1h").stdout.strip()
+    admin = json.loads(kubectl(cluster, "config", "view", "--raw", "--minify", "-o", "json").stdout)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin["clusters"],
+        "contexts": [{"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}],
+        "current-context": account,
+        "users": [{"name": account, "user": {"token": token}}],
+    }
+    path = tmp_path / "deployer.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def test_auto_needs_no_cluster_wide_read(cluster: dict[str, str], installed: dict[str, Any], tmp_path: Path) -> None:
+    """A deployer with rights in the namespace only: auto reads the release and the served APIs, no CRD."""
+    kubeconfig = namespace_kubeconfig(cluster, tmp_path)
+    can_i = kubectl(
+        cluster, "--kubeconfig", str(kubeconfig), "auth", "can-i", "get", "customresourcedefinitions", check=False
+    )
+    assert can_i.stdout.strip() == "no", "the deployer must not read CRDs for this test to mean anything"
+    playbook = tmp_path / "values.yml"
+    out = tmp_path / "api.json"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Complete the values",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "Values",
+                            "ansible.builtin.include_role": {
+                                "name": "llmpods.inference.keda_chart",
+                                "tasks_from": "values",
+                            },
+                        },
+                        {
+                            "name": "Write the API",
+                            "ansible.builtin.copy": {
+                                "content": "{{ keda_chart_release_values.autoscaling.api | to_json }}",
+                                "dest": str(out),
+                                "mode": "0600",
+                            },
+                        },
+                    ],
+                }
+            ]
+        )
+    )
+    for release, api in ((RELEASE, "httpscaledobject"), ("llm-not-installed", "interceptorroute")):
+        values = user_values(cluster)
+        values.pop("autoscaling", None)
+        result = run_playbook(
+            playbook,
+            {
+                "keda_chart_values": values,
+                "keda_chart_namespace": NAMESPACE,
+                "keda_chart_release_name": release,
+                "keda_chart_kubeconfig": str(kubeconfig),
+                "keda_chart_helm_binary": str(VENV_BIN / "helm"),
+                "keda_chart_staging_dir": str(tmp_path / release),
+            },
+            timeout=600,
+        )
+        assert result.rc == 0, result.failure()
+        assert json.loads(out.read_text()) == api, release
+
+
 def test_the_move_to_interceptorroute_keeps_the_scaled_object(
     cluster: dict[str, str], installed: dict[str, Any]
 ) -> None:
