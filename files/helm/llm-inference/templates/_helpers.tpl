@@ -159,9 +159,50 @@ Deployment strategy: the value when set, else one that fits the GPU case (see va
 {{- end }}
 
 {{/*
+The time budgets (values.yaml `timeouts`) and what derives from them, in seconds. Every timeout of the pod's path
+comes from these helpers; the margin keeps each hop a little longer than the one it waits for.
+*/}}
+{{- define "llm-inference.timeoutMargin" -}}30{{- end }}
+
+{{/* The gateway's read and send timeout to the inference container: gateway.config.proxyTimeout, else the
+generation budget. */}}
+{{- define "llm-inference.gatewayTimeout" -}}
+{{- $generation := int .Values.timeouts.generationSeconds }}
+{{- with .Values.gateway.config.proxyTimeout }}{{ max $generation (int .) }}{{ else }}{{ $generation }}{{ end }}
+{{- end }}
+
+{{/* How long the interceptor waits for response headers: past the gateway's own timeout, so that a generation too
+long gets the gateway's JSON 504 rather than the interceptor's. */}}
+{{- define "llm-inference.responseHeaderTimeout" -}}
+{{- add (include "llm-inference.gatewayTimeout" . | int) (include "llm-inference.timeoutMargin" . | int) }}
+{{- end }}
+
+{{/* Seconds a stopping pod gets: its running generation ends first. */}}
+{{- define "llm-inference.terminationGrace" -}}
+{{- add (include "llm-inference.gatewayTimeout" . | int) (include "llm-inference.timeoutMargin" . | int) }}
+{{- end }}
+
+{{/* The Deployment's progress deadline: a new pod may wait for the old one's grace (a GPU rollout frees the GPU
+first), then take a whole cold start. */}}
+{{- define "llm-inference.progressDeadline" -}}
+{{- add (int .Values.timeouts.coldStartSeconds) (include "llm-inference.terminationGrace" . | int) (include "llm-inference.timeoutMargin" . | int) }}
+{{- end }}
+
+{{/* Failed startup checks allowed: periodSeconds × failureThreshold covers the cold-start budget. */}}
+{{- define "llm-inference.startupFailureThreshold" -}}
+{{- $period := int .period }}
+{{- div (add (int .root.Values.timeouts.coldStartSeconds) (sub $period 1)) $period }}
+{{- end }}
+
+{{/*
 Checks the schema cannot express.
 */}}
 {{- define "llm-inference.validate" -}}
+{{- with .Values.gateway.config.proxyTimeout }}
+{{- if lt (int .) (int $.Values.timeouts.generationSeconds) }}
+{{- fail (printf "gateway.config.proxyTimeout (%d s) would cut generations short of timeouts.generationSeconds (%d s): raise it, or leave it null to follow the budget" (int .) (int $.Values.timeouts.generationSeconds)) }}
+{{- end }}
+{{- end }}
 {{- if and (ne .Values.autoscaling.api "none") (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}

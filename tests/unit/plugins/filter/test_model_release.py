@@ -69,6 +69,13 @@ def test_values_follow_the_catalog_entry() -> None:
     assert values["autoscaling"] == {"hosts": ["llm.test"], "minReplicas": 1, "maxReplicas": 3, "scaledownPeriod": 60}
     assert values["nodeSelector"] == {"gpu": "yes"}
     assert values["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert values["timeouts"] == {"coldStartSeconds": 600, "generationSeconds": 300}
+
+
+def test_the_time_budgets_reach_the_chart() -> None:
+    values = model_release(ENTRY, keys=[KEY], cold_start_seconds="1200", generation_seconds=900)["values"]
+    assert values["timeouts"] == {"coldStartSeconds": 1200, "generationSeconds": 900}
+    assert values["gateway"]["config"]["proxyTimeout"] == 900, "the gateway's timeout is the generation budget"
 
 
 @pytest.mark.parametrize(
@@ -111,11 +118,14 @@ def test_without_keys_the_secret_is_only_named() -> None:
         ({}, ["sk-llmpods-!!!!!!!!!!"], "API key(s) at position 0 must be"),
         ({}, ["/sk-llmpods-abcdefghij"], "API key(s) at position 0 must be"),
         ({}, ["x" * 201], "API key(s) at position 0 must be"),
+        ({"cold_start_seconds": 0}, [KEY], "cold_start_seconds must be a positive number of seconds, got 0"),
+        ({"generation_seconds": "5m"}, [KEY], "generation_seconds must be a positive number of seconds, got '5m'"),
     ],
 )
 def test_bad_input_is_refused_by_name(entry: dict, keys, message: str) -> None:
+    settings = {k: entry.pop(k) for k in ("cold_start_seconds", "generation_seconds") if k in entry}
     with pytest.raises(AnsibleFilterError) as err:
-        model_release({**ENTRY, **entry}, keys=keys)
+        model_release({**ENTRY, **entry}, keys=keys, **settings)
     assert message in str(err.value)
     assert "short" not in str(err.value), "a refused key is never shown"
 
@@ -123,8 +133,9 @@ def test_bad_input_is_refused_by_name(entry: dict, keys, message: str) -> None:
 # --- both targets, through the playbooks' own mapping, rendered by helm
 
 
-def released(tmp_path: Path, target: str, entry: dict) -> dict:
-    """What playbooks/tasks/release.yml gives the model on `target` (the catalog check included)."""
+def released(tmp_path: Path, target: str, entry: dict, **settings) -> dict:
+    """What playbooks/tasks/release.yml gives the model on `target` (the catalog check included), with more
+    llmpods_* settings as extra vars."""
     need(
         (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
     )
@@ -141,6 +152,7 @@ def released(tmp_path: Path, target: str, entry: dict) -> dict:
             "llmpods_state_dir": str(tmp_path / "state"),
             "llmpods_ingress_host": "llm.example.test",
             "model_release_out": str(out),
+            **settings,
         },
     )
     assert result.rc == 0, result.failure()
@@ -176,3 +188,58 @@ def test_a_gpu_model_gets_the_same_gpu_on_both_targets(tmp_path: Path, target: s
     assert pods["local"]["gpu"] == pods["kubernetes"]["gpu"] == 1, pods
     assert pods["local"]["N_GPU_LAYERS"] == pods["kubernetes"]["N_GPU_LAYERS"] == "-1", pods
     assert target in pods["local"]["image"] and target in pods["kubernetes"]["image"], pods
+
+
+@pytest.mark.parametrize("deploy_target", ["local", "kubernetes"])
+def test_the_budgets_set_every_timeout_on_both_targets(tmp_path: Path, deploy_target: str) -> None:
+    """llmpods_cold_start_seconds and llmpods_generation_seconds, through the playbooks' mapping and the keda_chart
+    role, give the gateway's nginx.conf and the chart's objects their timeouts."""
+    need(helm_binary() is not None, "helm (make helm)")
+    entry = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "host_path": "/srv/models"}
+    release = released(
+        tmp_path, deploy_target, entry, llmpods_cold_start_seconds=1200, llmpods_generation_seconds="900"
+    )
+    values_file = tmp_path / "release-values.json"
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/keda_chart_values.yml",
+        {
+            "keda_chart_values": release["values"],
+            "keda_chart_release_name": release["name"],
+            "keda_chart_autoscaling_api": "interceptorroute",
+            "keda_chart_staging_dir": str(tmp_path / "staging"),
+            "keda_chart_gateway_validate": "none",
+            "keda_chart_values_out": str(values_file),
+        },
+    )
+    assert result.rc == 0, result.failure()
+    nginx_conf = (tmp_path / "staging/gateway/nginx.conf").read_text()
+    assert "proxy_read_timeout 900s;" in nginx_conf and "proxy_send_timeout 900s;" in nginx_conf
+    docs = template(values_file=values_file, release=release["name"], namespace="llmpods")
+    validate(docs)
+    assert one(docs, "InterceptorRoute")["spec"]["timeouts"] == {
+        "readiness": "1200s",
+        "responseHeader": "930s",
+        "request": "0s",
+    }
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 930
+
+
+def test_bad_budgets_are_refused_before_anything_changes(tmp_path: Path) -> None:
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
+    result = run_playbook(
+        ROOT / "tests/unit/playbooks/model_release.yml",
+        {
+            "llmpods_target": "local",
+            "llmpods_models": [{"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu"}],
+            "llmpods_state_dir": str(tmp_path / "state"),
+            "llmpods_generation_seconds": "five minutes",
+            "model_release_out": str(tmp_path / "out.json"),
+        },
+    )
+    assert result.rc != 0
+    failure = result.failure()
+    assert "llmpods_generation_seconds must be positive numbers of seconds" in failure, failure
+    assert '(got 600\nand "five minutes")' in failure or '(got 600 and "five minutes")' in failure, failure
+    assert not (tmp_path / "out.json").exists()
