@@ -51,7 +51,7 @@ POD_SECURITY = SECURITY | {"fsGroup", "fsGroupChangePolicy", "supplementalGroups
 CONTAINER_SECURITY = SECURITY | {"readOnlyRootFilesystem", "capabilities", "allowPrivilegeEscalation"}
 CONTAINER_FIELDS = {"name", "image", "imagePullPolicy", "command", "args", "env", "ports", "resources"}
 CONTAINER_FIELDS |= {"securityContext", "volumeMounts", "startupProbe", "readinessProbe", "livenessProbe"}
-PROBE_FIELDS = {"httpGet", "initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
+PROBE_FIELDS = {"httpGet", "exec", "initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
 PROBE_FIELDS |= {"successThreshold"}
 RESOURCES = {"cpu", "memory", "nvidia.com/gpu", "amd.com/gpu"}
 VOLUME_FIELDS = {
@@ -182,7 +182,7 @@ class PodPlanner:
             for port in container.get("ports") or []:
                 _only(port, {"name", "containerPort", "protocol"}, f"{where} port {port.get('name', '')}")
             for kind in ("startup", "readiness", "liveness"):
-                # Only httpGet probes; locally they are not run: model_ready waits for readiness instead.
+                # httpGet and exec probes; locally they are not run: model_ready waits for readiness instead.
                 _only(container.get(f"{kind}Probe") or {}, PROBE_FIELDS, f"{where} {kind}Probe")
             resources = container.get("resources") or {}
             _only(resources, {"limits", "requests"}, f"{where} resources")

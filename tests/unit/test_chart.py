@@ -5,11 +5,18 @@ would deploy."""
 from __future__ import annotations
 
 import base64
+import http.server
 import itertools
 import json
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -316,9 +323,8 @@ def test_gateway_contract() -> None:
     assert all(m.get("readOnly") for name, m in mounts.items() if name != "gateway-tmp")
     assert "subPath" not in mounts["api-keys"], "a subPath mount would not see key rotations"
 
-    startup, readiness, liveness = gateway["startupProbe"], gateway["readinessProbe"], gateway["livenessProbe"]
-    assert startup["httpGet"] == {"path": "/alive", "port": "http"}
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "shorter than the cold-start budget"
+    readiness, liveness = gateway["readinessProbe"], gateway["livenessProbe"]
+    assert "startupProbe" not in gateway, "the model load is the inference container's to guard"
     assert readiness["httpGet"] == {"path": "/alive", "port": "http"}
     assert liveness["httpGet"] == {"path": "/healthz", "port": "http"}
     assert "ports" not in containers(docs)["inference"], "only the gateway is exposed"
@@ -331,6 +337,77 @@ def test_gateway_contract() -> None:
     service = one(docs, "Service")["spec"]
     assert service["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert service["selector"] == deployment_of(docs)["spec"]["selector"]["matchLabels"]
+
+
+def test_the_inference_container_is_restarted_when_its_server_hangs() -> None:
+    """Exec probes (the server listens on 127.0.0.1 only): the startup probe holds the cold-start budget, so a slow
+    load restarts the model and not the gateway; the liveness probe then asks the path the gateway's latched
+    readiness asks, which the server answers without the model lock."""
+    inference = containers(template(values()))["inference"]
+    startup, liveness = inference["startupProbe"], inference["livenessProbe"]
+    for probe in (startup, liveness):
+        assert probe["exec"]["command"][:2] == ["python3", "-c"]
+        assert "/_llmpods/probe" in probe["exec"]["command"][2]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a slow token is not a hung server"
+    assert "/_llmpods/probe" in (ROOT / "files/nginx/nginx.conf.j2").read_text(), "the gateway's lock-free path"
+
+
+class _Answer404(http.server.BaseHTTPRequestHandler):
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_inference_probe_tells_a_hung_server_from_a_live_one() -> None:
+    docs = template(values({"inference": {"probes": {"liveness": {"timeoutSeconds": 2}}}}))
+    script = containers(docs)["inference"]["livenessProbe"]["exec"]["command"][2]
+    assert script.count("8000") >= 1
+    port = _free_port()
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script.replace("8000", str(port))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    # Not listening (the model still loading, or the process gone): fails.
+    down = probe()
+    assert down.returncode != 0 and "Connection refused" in down.stderr, down.stderr
+    # Listening, but nothing answers (a stopped or deadlocked process: the kernel still accepts): fails within the
+    # probe's timeout.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", port))
+        hung.listen(8)
+        started = time.monotonic()
+        stopped = probe()
+        assert stopped.returncode != 0 and "timed out" in stopped.stderr, stopped.stderr
+        assert time.monotonic() - started < 2, "the probe must give up before the kubelet does"
+    # Any HTTP answer, the server's 404 for a path it does not serve: passes.
+    server = http.server.HTTPServer(("127.0.0.1", port), _Answer404)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        live = probe()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert live.returncode == 0, live.stderr
+    assert _Answer404.paths == ["/_llmpods/probe"]
 
 
 def test_helm_test_pod_hits_readiness() -> None:
@@ -478,7 +555,7 @@ def test_every_timeout_of_the_path_derives_from_the_two_budgets(api: str, budget
     grace = pod["terminationGracePeriodSeconds"]
     assert grace >= generation + 30, "a scale-in or rollout would cut a running generation"
     assert deploy["spec"]["progressDeadlineSeconds"] >= grace + cold_start, "a slow rollout would read as failed"
-    startup = containers(docs)["gateway"]["startupProbe"]
+    startup = containers(docs)["inference"]["startupProbe"]
     assert cold_start <= startup["periodSeconds"] * startup["failureThreshold"] < cold_start + startup["periodSeconds"]
     assert env_of(one(docs, "Pod")["spec"]["containers"][0])["TIMEOUT"] == str(cold_start)
 
@@ -585,7 +662,8 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         # The timeouts of the path derive from the two budgets: no separate knob can contradict them.
         ({"autoscaling": {"timeouts": {"readiness": "600s"}}}, "timeouts"),
         ({"terminationGracePeriodSeconds": 60}, "terminationGracePeriodSeconds"),
-        ({"gateway": {"probes": {"startup": {"failureThreshold": 60}}}}, "failureThreshold"),
+        ({"inference": {"probes": {"startup": {"failureThreshold": 60}}}}, "failureThreshold"),
+        ({"gateway": {"probes": {"startup": {"periodSeconds": 10}}}}, "startup"),
         ({"timeouts": {"coldStartSeconds": 0}}, "/timeouts/coldStartSeconds"),
         ({"timeouts": {"generationSeconds": "300s"}}, "/timeouts/generationSeconds"),
         ({"gateway": {"config": {"proxyTimeout": 0}}}, "/gateway/config/proxyTimeout"),
@@ -596,7 +674,8 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         ({"apiKeys": {"keys": []}}, "/apiKeys"),
         ({"apiKeys": {"keys": ["short"]}}, "/apiKeys/keys/0"),
         ({"apiKeys": {"keys": ["a key with spaces in it"]}}, "/apiKeys/keys/0"),
-        ({"gateway": {"probes": {"startup": {"periodSeconds": 0}}}}, "/gateway/probes/startup/periodSeconds"),
+        ({"inference": {"probes": {"startup": {"periodSeconds": 0}}}}, "/inference/probes/startup/periodSeconds"),
+        ({"inference": {"probes": {"liveness": {"timeoutSeconds": 0}}}}, "/inference/probes/liveness/timeoutSeconds"),
         ({"service": {"port": 70000}}, "/service/port"),
         ({"replicas": 2}, "replicas"),
         ({"model": {"contextSize": "big"}}, "/model/contextSize"),

@@ -207,6 +207,28 @@ first), then take a whole cold start. */}}
 {{- end }}
 
 {{/*
+The inference container's probe (exec: the server listens on 127.0.0.1 only). It asks for a path the server does
+not serve: any HTTP answer (a 404, which comes without the model lock) means the server is up and not hung. The
+socket gives up a second before the kubelet, so the probe's message says what it saw. Call with
+(dict "timeout" <probe timeoutSeconds>).
+*/}}
+{{- define "llm-inference.inferenceProbe" -}}
+exec:
+  command:
+    - python3
+    - -c
+    - |
+      import socket, sys
+      try:
+          with socket.create_connection(("127.0.0.1", 8000), timeout={{ max 1 (sub (int .timeout) 1) }}) as server:
+              server.sendall(b"GET /_llmpods/probe HTTP/1.0\r\n\r\n")
+              line = server.makefile("rb").readline(64)
+      except OSError as exc:
+          sys.exit(f"inference server 127.0.0.1:8000: {exc}")
+      sys.exit(0 if line.startswith(b"HTTP/") else f"inference server 127.0.0.1:8000: no HTTP answer ({line!r})")
+{{- end }}
+
+{{/*
 Checks the schema cannot express.
 */}}
 {{- define "llm-inference.validate" -}}

@@ -305,11 +305,6 @@ REFUSED = [
         r"pod_plan: tcpSocket is not supported \(container gateway readinessProbe\)",
     ),
     (
-        "exec",
-        lambda d: container(d, "gateway").update(livenessProbe={"exec": {"command": ["true"]}}),
-        r"pod_plan: exec is not supported \(container gateway livenessProbe\)",
-    ),
-    (
         "grpc",
         lambda d: container(d, "inference").update(startupProbe={"grpc": {"port": 8000}}),
         r"pod_plan: grpc is not supported \(container inference startupProbe\)",
