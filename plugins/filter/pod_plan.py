@@ -52,7 +52,7 @@ CONTAINER_SECURITY = SECURITY | {"readOnlyRootFilesystem", "capabilities", "allo
 CONTAINER_FIELDS = {"name", "image", "imagePullPolicy", "command", "args", "env", "ports", "resources"}
 CONTAINER_FIELDS |= {"securityContext", "volumeMounts", "startupProbe", "readinessProbe", "livenessProbe"}
 PROBE_FIELDS = {"httpGet", "exec", "initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
-PROBE_FIELDS |= {"successThreshold"}
+PROBE_FIELDS |= {"successThreshold", "terminationGracePeriodSeconds"}
 RESOURCES = {"cpu", "memory", "nvidia.com/gpu", "amd.com/gpu"}
 VOLUME_FIELDS = {
     "hostPath": {"path", "type"},

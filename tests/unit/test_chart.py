@@ -350,6 +350,8 @@ def test_the_inference_container_is_restarted_when_its_server_hangs() -> None:
         assert "/_llmpods/probe" in probe["exec"]["command"][2]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a slow token is not a hung server"
+    # A hung process does not take SIGTERM: the kubelet must not wait the pod's whole grace before SIGKILL.
+    assert startup["terminationGracePeriodSeconds"] == liveness["terminationGracePeriodSeconds"] == 10
     assert "/_llmpods/probe" in (ROOT / "files/nginx/nginx.conf.j2").read_text(), "the gateway's lock-free path"
 
 
@@ -522,6 +524,12 @@ def test_autoscaling_options() -> None:
     assert scaled["triggers"][0]["metadata"]["scalerAddress"] == "keda-add-ons-http-external-scaler.autoscaling:9090"
 
 
+def seconds(duration: str) -> int:
+    """A duration the chart renders, whole seconds ("330s"), as a number."""
+    assert re.fullmatch(r"[0-9]+s", duration), duration
+    return int(duration.removesuffix("s"))
+
+
 BUDGETS = {
     "defaults": ({}, 600, 300),
     "big-model": ({"timeouts": {"coldStartSeconds": 1800, "generationSeconds": 900}}, 1800, 900),
@@ -539,8 +547,6 @@ def test_every_timeout_of_the_path_derives_from_the_two_budgets(api: str, budget
     validate(docs)
     deploy = deployment_of(docs)
     pod = deploy["spec"]["template"]["spec"]
-    seconds = lambda duration: int(duration.removesuffix("s"))  # noqa: E731
-
     if api == "interceptorroute":
         timeouts = one(docs, "InterceptorRoute")["spec"]["timeouts"]
         hold, headers = seconds(timeouts["readiness"]), seconds(timeouts["responseHeader"])
