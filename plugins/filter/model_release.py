@@ -137,7 +137,12 @@ def model_release(
                 "type": source,
                 "hostPath": {"path": _field(entry, "host_path", "")},
                 "persistentVolumeClaim": {"claimName": _field(entry, "pvc", "")},
-                "download": {"url": _field(entry, "url", ""), "sha256": str(_field(entry, "sha256", ""))},
+                "download": {
+                    "url": _field(entry, "url", ""),
+                    "sha256": str(_field(entry, "sha256", "")),
+                    "size": None if _field(entry, "size") is None else _int(entry, "size", entry["size"]),
+                    "cache": {"claimName": _field(entry, "cache_pvc", "")},
+                },
             },
         },
         "imageRegistry": registry or "",

@@ -54,6 +54,8 @@ CONTAINER_FIELDS |= {"securityContext", "volumeMounts", "startupProbe", "readine
 PROBE_FIELDS = {"httpGet", "exec", "initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
 PROBE_FIELDS |= {"successThreshold", "terminationGracePeriodSeconds"}
 RESOURCES = {"cpu", "memory", "nvidia.com/gpu", "amd.com/gpu"}
+# Requests only: what the scheduler reserves on a node; one Docker host has nothing to reserve it from.
+REQUESTS = RESOURCES | {"ephemeral-storage"}
 VOLUME_FIELDS = {
     "hostPath": {"path", "type"},
     "emptyDir": {"sizeLimit"},
@@ -186,8 +188,8 @@ class PodPlanner:
                 _only(container.get(f"{kind}Probe") or {}, PROBE_FIELDS, f"{where} {kind}Probe")
             resources = container.get("resources") or {}
             _only(resources, {"limits", "requests"}, f"{where} resources")
-            for section in ("limits", "requests"):
-                _only(resources.get(section) or {}, RESOURCES, f"{where} resources.{section}")
+            _only(resources.get("limits") or {}, RESOURCES, f"{where} resources.limits")
+            _only(resources.get("requests") or {}, REQUESTS, f"{where} resources.requests")
         for volume in spec.get("volumes") or []:
             kind = next((key for key in volume if key != "name"), "emptyDir")
             _only(volume, {"name", kind}, f"volume {volume['name']}")

@@ -37,6 +37,14 @@ ENTRY_ERRORS = {
     "resources-not-mapping": ({"resources": "lots"}, "resources", "must be of type dict"),
     "tolerations-not-dicts": ({"tolerations": ["gpu"]}, "tolerations", "must be a list of dict"),
     "unknown-field": ({"contextsize": 4096}, "contextsize", "is not a catalog field"),
+    "size-zero": ({"file": "tiny.gguf", **DOWNLOAD, "size": 0}, "size", "must be a positive number of bytes"),
+    "size-not-int": ({"file": "tiny.gguf", **DOWNLOAD, "size": "5G"}, "size", "must be of type int"),
+    "cache-pvc-no-url": ({"cache_pvc": "gguf-cache"}, "cache_pvc", "keeps a download: it needs url"),
+    "cache-pvc-bad-name": (
+        {"file": "tiny.gguf", **DOWNLOAD, "cache_pvc": "Cache_1"},
+        "cache_pvc",
+        "must be a Persistent",
+    ),
 }
 
 

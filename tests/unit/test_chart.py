@@ -5,6 +5,7 @@ would deploy."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.server
 import itertools
 import json
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -420,7 +422,7 @@ def test_helm_test_pod_hits_readiness() -> None:
 
 
 def test_download_init_container() -> None:
-    docs = template(values(SOURCE["download"], {"model": {"source": {"download": {"sizeLimit": "1Gi"}}}}))
+    docs = template(values(SOURCE["download"]))
     pod = deployment_of(docs)["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["image"] == containers(docs)["inference"]["image"], "downloads with the inference image's python3"
@@ -428,9 +430,174 @@ def test_download_init_container() -> None:
     assert env["MODEL_SHA256"] == MODEL_SHA256
     assert env["MODEL_PATH"] == f"/models/{MODEL_FILE}"
     assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
-    assert next(v for v in pod["volumes"] if v["name"] == "model")["emptyDir"] == {"sizeLimit": "1Gi"}
     script = init["command"][2]
     compile(script, "model-download", "exec")  # the embedded script is valid Python
+
+
+class _ModelServer(http.server.BaseHTTPRequestHandler):
+    """Serves one file, with HTTP Range (206) unless told not to, and can drop the connection mid-transfer."""
+
+    body = b""
+    ranges = True
+    drop_after: int | None = None  # cut the next transfer after this many bytes
+    seen: ClassVar[list[str | None]] = []  # the Range header of each request
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.seen.append(self.headers.get("Range"))
+        if self.path != "/m.gguf":
+            self.send_error(404)
+            return
+        start = 0
+        match = re.fullmatch(r"bytes=([0-9]+)-", self.headers.get("Range") or "")
+        if match and cls.ranges:
+            start = int(match.group(1))
+            if start >= len(cls.body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(cls.body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(cls.body) - 1}/{len(cls.body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(cls.body) - start))
+        self.end_headers()
+        data = cls.body[start:]
+        if cls.drop_after is not None:
+            data, cls.drop_after = data[: cls.drop_after], None
+            self.wfile.write(data)
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def model_server() -> Iterator[tuple[type[_ModelServer], str]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelServer)
+    _ModelServer.body = bytes(range(256)) * 4096 + b"gguf"  # 1 MiB and 4 bytes: two read chunks
+    _ModelServer.ranges, _ModelServer.drop_after, _ModelServer.seen = True, None, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield _ModelServer, f"http://127.0.0.1:{server.server_address[1]}/m.gguf"
+    server.shutdown()
+    server.server_close()
+
+
+def run_download(tmp_path: Path, url: str, body: bytes, **env: str) -> subprocess.CompletedProcess[str]:
+    """The init container's program, as the chart renders it, with its environment."""
+    docs = template(values(SOURCE["download"]))
+    script = deployment_of(docs)["spec"]["template"]["spec"]["initContainers"][0]["command"][2]
+    assert script == (CHART / "files" / "download.py").read_text()
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "MODEL_URL": url,
+        "MODEL_SHA256": hashlib.sha256(body).hexdigest(),
+        "MODEL_PATH": str(tmp_path / "m.gguf"),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_download_fetches_and_checks_the_file(tmp_path: Path, model_server) -> None:
+    server, url = model_server
+    done = run_download(tmp_path, url, server.body)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.gguf").read_bytes() == server.body
+    assert not (tmp_path / "m.gguf.part").exists()
+    # A restarted pod on a cache volume: the file is there with its sha256, nothing is fetched.
+    again = run_download(tmp_path, url, server.body)
+    assert again.returncode == 0 and "is already there" in again.stdout, again.stderr
+    assert server.seen == [None]
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, model_server) -> None:
+    server, url = model_server
+    server.drop_after = 300_000
+    done = run_download(tmp_path, url, server.body)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.gguf").read_bytes() == server.body
+    assert server.seen == [None, "bytes=300000-"], "the second attempt asks only for the rest"
+    assert "resuming in" in done.stdout
+
+
+def test_a_partial_file_from_an_earlier_container_is_resumed(tmp_path: Path, model_server) -> None:
+    server, url = model_server
+    (tmp_path / "m.gguf.part").write_bytes(server.body[:5000])
+    done = run_download(tmp_path, url, server.body)
+    assert done.returncode == 0, done.stderr
+    assert server.seen == ["bytes=5000-"]
+    assert (tmp_path / "m.gguf").read_bytes() == server.body
+
+
+def test_a_server_without_ranges_sends_the_whole_file_again(tmp_path: Path, model_server) -> None:
+    server, url = model_server
+    server.ranges = False
+    (tmp_path / "m.gguf.part").write_bytes(b"x" * 5000)
+    done = run_download(tmp_path, url, server.body)
+    assert done.returncode == 0, done.stderr
+    assert "does not resume" in done.stdout
+    assert (tmp_path / "m.gguf").read_bytes() == server.body
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("corrupt", "sha256 "),
+        ("too-big", "more than the 1000 bytes the model's size allows"),
+        ("missing", "HTTP 404"),
+    ],
+)
+def test_the_download_refuses_by_name(tmp_path: Path, model_server, case: str, message: str) -> None:
+    server, url = model_server
+    want = server.body
+    env = {}
+    if case == "corrupt":
+        want = b"another file"
+    elif case == "too-big":
+        env["MODEL_SIZE"] = "1000"
+    else:
+        url = url.replace("m.gguf", "other.gguf")
+    done = run_download(tmp_path, url, want, **env)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert not (tmp_path / "m.gguf").exists()
+    assert len(server.seen) == 1, "a refusal is not retried"
+    if case == "corrupt":
+        assert not (tmp_path / "m.gguf.part").exists(), "a file with the wrong sha256 is not resumed"
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_download_reserves_its_disk(cache: bool) -> None:
+    download = {"size": 4_900_000_000}
+    if cache:
+        download["cache"] = {"claimName": "gguf-cache"}
+    docs = template(values(SOURCE["download"], {"model": {"source": {"download": download}}}))
+    validate(docs)
+    pod = deployment_of(docs)["spec"]["template"]["spec"]
+    model = next(v for v in pod["volumes"] if v["name"] == "model")
+    requests = containers(docs)["inference"]["resources"]["requests"]
+    init = pod["initContainers"][0]
+    assert env_of(init)["MODEL_SIZE"] == "4900000000"
+    if cache:
+        assert model == {"name": "model", "persistentVolumeClaim": {"claimName": "gguf-cache"}}
+        assert "ephemeral-storage" not in requests
+        assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"], "the init container writes it"
+    else:
+        assert model["emptyDir"] == {"sizeLimit": 4_900_000_000 + 49_000_000 + 64 * 2**20}
+        assert requests["ephemeral-storage"] == "4900000000"
+    # Without a size: neither a reservation nor a limit that would evict a model larger than a guess.
+    plain = deployment_of(template(values(SOURCE["download"])))["spec"]["template"]["spec"]
+    assert next(v for v in plain["volumes"] if v["name"] == "model")["emptyDir"] == {}
+    assert "ephemeral-storage" not in containers(template(values(SOURCE["download"])))["inference"]["resources"].get(
+        "requests", {}
+    )
 
 
 def test_checksums_roll_the_pod_without_leaking() -> None:

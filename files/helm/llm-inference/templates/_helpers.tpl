@@ -132,10 +132,27 @@ N_GPU_LAYERS: model.gpuLayers, else -1 (all layers) with a GPU and 0 without.
 {{- end }}
 
 {{/*
-Inference container resources with the GPU limit merged in.
+The emptyDir a download goes into: the file's size plus 1 % and 64 MiB (file system blocks, the lock file), in bytes.
+*/}}
+{{- define "llm-inference.downloadSizeLimit" -}}
+{{- $size := int64 .Values.model.source.download.size }}
+{{- add $size (div $size 100) 67108864 }}
+{{- end }}
+
+{{/*
+Inference container resources with the GPU limit merged in, and for a download into an emptyDir of a known size,
+an ephemeral-storage request of that size (unless the values request one), so that the scheduler reserves the disk.
 */}}
 {{- define "llm-inference.inferenceResources" -}}
 {{- $resources := deepCopy (default dict .Values.inference.resources) }}
+{{- $source := .Values.model.source }}
+{{- if and (eq $source.type "download") $source.download.size (not $source.download.cache.claimName) }}
+{{- $requests := deepCopy (default dict $resources.requests) }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- $_ := set $requests "ephemeral-storage" (int64 $source.download.size | toString) }}
+{{- end }}
+{{- $_ := set $resources "requests" $requests }}
+{{- end }}
 {{- if include "llm-inference.gpu" . }}
 {{- $limits := deepCopy (default dict $resources.limits) }}
 {{- $resource := ternary "nvidia.com/gpu" "amd.com/gpu" (eq .Values.gpu.vendor "nvidia") }}

@@ -60,7 +60,7 @@ def test_values_follow_the_catalog_entry() -> None:
             "type": "hostPath",
             "hostPath": {"path": "/srv/models"},
             "persistentVolumeClaim": {"claimName": ""},
-            "download": {"url": "", "sha256": ""},
+            "download": {"url": "", "sha256": "", "size": None, "cache": {"claimName": ""}},
         },
     }
     assert values["imageRegistry"] == "registry.test:5000"
@@ -70,6 +70,34 @@ def test_values_follow_the_catalog_entry() -> None:
     assert values["nodeSelector"] == {"gpu": "yes"}
     assert values["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
     assert values["timeouts"] == {"coldStartSeconds": 600, "generationSeconds": 300}
+
+
+def test_a_download_gets_its_size_and_cache() -> None:
+    entry = {**ENTRY, "source": "download", "url": "https://m.test/m.gguf", "sha256": SHA256, "size": "4900000000"}
+    download = model_release({**entry, "cache_pvc": "gguf-cache"}, keys=[KEY])["values"]["model"]["source"]["download"]
+    assert download == {
+        "url": "https://m.test/m.gguf",
+        "sha256": SHA256,
+        "size": 4_900_000_000,
+        "cache": {"claimName": "gguf-cache"},
+    }
+
+
+@pytest.mark.parametrize("deploy_target", ["local", "kubernetes"])
+def test_the_download_cache_is_a_cluster_thing(tmp_path: Path, deploy_target: str) -> None:
+    """The local pod downloads into a directory of its own (no claim); a cluster release keeps the file in the claim."""
+    entry = {
+        "name": "bigmodel",
+        "file": "big.Q4_K_M.gguf",
+        "url": "https://models.example.test/big.Q4_K_M.gguf",
+        "sha256": SHA256,
+        "size": 4_900_000_000,
+        "cache_pvc": "gguf-cache",
+        "target": "cpu",
+    }
+    download = released(tmp_path, deploy_target, entry)["values"]["model"]["source"]["download"]
+    assert download["size"] == 4_900_000_000
+    assert download["cache"] == {"claimName": "gguf-cache" if deploy_target == "kubernetes" else ""}
 
 
 def test_the_time_budgets_reach_the_chart() -> None:

@@ -233,6 +233,24 @@ def test_a_download_runs_as_an_init_container_on_shared_host_dirs():
     assert result["host_paths"] == []
 
 
+def test_a_download_of_a_known_size_runs_without_its_disk_reservation():
+    """The chart requests the file's size of ephemeral-storage for the scheduler; one host has nothing to reserve."""
+    docs = chart(DOWNLOAD, {"model": {"source": {"download": {"size": 100_000_000}}}})
+    assert container(docs, "inference")["resources"]["requests"]["ephemeral-storage"] == "100000000"
+    result = plan(docs)
+    assert params(result, "model-download")["env"]["MODEL_SIZE"] == "100000000"
+    assert "storage_opt" not in params(result, "inference")
+
+
+def test_an_ephemeral_storage_limit_is_refused():
+    docs = chart()
+    container(docs, "inference")["resources"]["limits"]["ephemeral-storage"] = "1Gi"
+    with pytest.raises(
+        PodPlanError, match=r"ephemeral-storage is not supported \(container inference resources.limits\)"
+    ):
+        plan(docs)
+
+
 def test_env_references_expand_as_on_kubernetes():
     docs = chart({"inference": {"extraEnv": [{"name": "GREETING", "value": "$(MODEL_ALIAS) says $$(kept)"}]}})
     assert params(plan(docs), "inference")["env"]["GREETING"] == "smollm2 says $(kept)"
