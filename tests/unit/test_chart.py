@@ -673,7 +673,6 @@ def test_autoscaling_options() -> None:
             {
                 "autoscaling": {
                     "api": "interceptorroute",
-                    "pathPrefix": "/models/smollm2",
                     "scalingMetric": {"type": "requestRate", "targetValue": 2},
                     "scalerAddress": "keda-add-ons-http-external-scaler.autoscaling:9090",
                 }
@@ -682,7 +681,7 @@ def test_autoscaling_options() -> None:
     )
     validate(docs)
     route = one(docs, "InterceptorRoute")["spec"]
-    assert route["rules"] == [{"headers": [{"name": "Authorization"}], "paths": [{"value": "/models/smollm2"}]}], (
+    assert route["rules"] == [{"headers": [{"name": "Authorization"}], "paths": [{"value": "/smollm2"}]}], (
         "no hosts: any host; only requests with a key"
     )
     assert route["scalingMetric"] == {"requestRate": {"targetValue": 2, "window": "1m", "granularity": "1s"}}
@@ -750,6 +749,13 @@ def test_a_gateway_timeout_below_the_generation_budget_is_refused() -> None:
     assert "gateway.config.proxyTimeout (300 s) would cut generations short of timeouts.generationSeconds (900 s)" in (
         proc.stderr
     )
+
+
+def test_the_default_api_is_the_interceptorroute() -> None:
+    """HTTPScaledObject is deprecated upstream; a plain install gets the InterceptorRoute and its ScaledObject."""
+    docs = template(values())
+    assert {d["kind"] for d in docs} >= {"InterceptorRoute", "ScaledObject"}
+    assert not by_kind(docs, "HTTPScaledObject")
 
 
 def test_httpscaledobject_annotations() -> None:
@@ -831,6 +837,8 @@ def test_no_hard_coded_namespace_or_hosts() -> None:
         ),
         ({"model": {"source": {"type": "persistentVolumeClaim"}}}, "/model/source/persistentVolumeClaim/claimName"),
         ({"autoscaling": {"api": "hpa"}}, "/autoscaling/api"),
+        # The gateway strips /<model.name> only: another prefix would reach the server and get a 404.
+        ({"autoscaling": {"pathPrefix": "/models/smollm2"}}, "pathPrefix"),
         ({"autoscaling": {"scalingMetric": {"targetValue": 0}}}, "/autoscaling/scalingMetric/targetValue"),
         # The timeouts of the path derive from the two budgets: no separate knob can contradict them.
         ({"autoscaling": {"timeouts": {"readiness": "600s"}}}, "timeouts"),

@@ -85,10 +85,11 @@ Name of the Secret that holds the API keys (key api-keys).
 {{- end }}
 
 {{/*
-The URL prefix routed to this model: /<model.name> unless autoscaling.pathPrefix is set.
+The URL prefix routed to this model: /<model.name>, the prefix the gateway strips (the interceptor forwards the path
+unchanged).
 */}}
 {{- define "llm-inference.pathPrefix" -}}
-{{- default (printf "/%s" .Values.model.name) .Values.autoscaling.pathPrefix }}
+{{- printf "/%s" .Values.model.name }}
 {{- end }}
 
 {{/*
