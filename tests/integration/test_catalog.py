@@ -17,6 +17,9 @@ ENTRY_ERRORS = {
     "name-missing": ({"name": None}, "name", "is required"),
     "name-not-dns-label": ({"name": "Tiny_Model"}, "name", "must be a DNS label"),
     "name-too-long": ({"name": "m" * 64}, "name", "must be a DNS label"),
+    # The release llm-<name> must fit Helm's 53 characters; the Service it names must start with a letter.
+    "name-too-long-for-a-release": ({"name": "m" * 50}, "name", "at most 49, so that the release llm-<name> fits"),
+    "name-digit-first": ({"name": "7b-chat"}, "name", "must be a DNS label that starts with a letter"),
     "target-unknown": ({"target": "tpu"}, "target", "must be one of cpu, cuda, rocm, vulkan, got tpu"),
     "target-missing": ({"target": None}, "target", "is required"),
     "file-missing": ({"file": None}, "file", "is required"),

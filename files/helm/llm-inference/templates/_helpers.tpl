@@ -250,6 +250,10 @@ exec:
 Checks the schema cannot express.
 */}}
 {{- define "llm-inference.validate" -}}
+{{- $fullname := default .Release.Name .Values.fullnameOverride }}
+{{- if or (gt (len $fullname) 53) (not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $fullname)) }}
+{{- fail (printf "the release name %q names the Service: it must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most 53 characters; choose another release name or set fullnameOverride" $fullname) }}
+{{- end }}
 {{- with .Values.gateway.config.proxyTimeout }}
 {{- if lt (int .) (int $.Values.timeouts.generationSeconds) }}
 {{- fail (printf "gateway.config.proxyTimeout (%d s) would cut generations short of timeouts.generationSeconds (%d s): raise it, or leave it null to follow the budget" (int .) (int $.Values.timeouts.generationSeconds)) }}
