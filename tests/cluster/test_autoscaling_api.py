@@ -166,6 +166,8 @@ def with_target(values: dict[str, Any], target: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def installed(cluster: dict[str, str], demo_model: Path) -> Iterator[dict[str, Any]]:
     need(shutil.which("docker") is not None, "the docker client, to build and push the images")
+    # What an earlier run may have left (its release, on whichever API) goes first: the test starts from nothing.
+    kubectl(cluster, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=300s")
     deploy(cluster, "httpscaledobject")
     yield {}
     result = run_playbook(ROOT / "playbooks" / "undeploy.yml", deploy_vars(cluster, "auto"), timeout=1800)
