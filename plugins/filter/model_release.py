@@ -18,8 +18,10 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 
-# The hardware target of the inference image and the GPU vendor whose device plugin resource it requests.
+# The hardware target of the inference image and the GPU vendor whose device plugin resource it requests unless
+# the entry says (gpu_vendor): vulkan runs on either.
 GPU_VENDORS = {"cpu": "none", "vulkan": "none", "cuda": "nvidia", "rocm": "amd"}
+VENDORS = ("none", "nvidia", "amd")
 SOURCES = ("download", "hostPath", "persistentVolumeClaim")
 # The item of the Secret that holds the keys; the chart mounts it as the gateway's keys file.
 KEYS_ITEM = "api-keys"
@@ -119,6 +121,12 @@ def model_release(
         raise AnsibleFilterError(
             f"model_release: model {name!r}: field source must be one of {', '.join(SOURCES)}, got {source!r}"
         )
+    vendor = _field(entry, "gpu_vendor", GPU_VENDORS[target])
+    if vendor not in VENDORS:
+        raise AnsibleFilterError(
+            f"model_release: model {name!r}: field gpu_vendor must be one of {', '.join(VENDORS)}, got {vendor!r}"
+        )
+    groups = [_int(entry, "supplemental_groups", group) for group in entry.get("supplemental_groups") or []]
     model_file = _field(entry, "model_file") or _field(entry, "file", "")
     release = _field(entry, "release") or f"llm-{name}"
     secret_name = f"{release}-api-keys"
@@ -152,7 +160,11 @@ def model_release(
         # means the generation budget, which the role does not read yet): the same budget, said explicitly.
         "gateway": {"config": {"proxyTimeout": generation}},
         "inference": {"target": target},
-        "gpu": {"vendor": GPU_VENDORS[target]},
+        "gpu": {
+            "vendor": vendor,
+            "count": _int(entry, "gpu_count", _field(entry, "gpu_count", 1)),
+            "supplementalGroups": groups,
+        },
         "apiKeys": {"existingSecret": secret_name},
         "autoscaling": {
             "hosts": list(hosts or []),

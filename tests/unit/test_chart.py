@@ -414,6 +414,82 @@ def test_the_inference_probe_tells_a_hung_server_from_a_live_one() -> None:
     assert _Answer404.paths == ["/_llmpods/probe"]
 
 
+def test_gpu_groups_join_the_pod_security_context() -> None:
+    """ROCm's device files belong to the node's render group: the pod gets it on top of its own groups."""
+    docs = template(values(GPU["amd"], {"gpu": {"supplementalGroups": [109, 44]}, "podSecurityContext": {}}))
+    validate(docs)
+    context = deployment_of(docs)["spec"]["template"]["spec"]["securityContext"]
+    assert context["supplementalGroups"] == [109, 44]
+    assert context["fsGroup"] == 10001 and context["runAsNonRoot"] is True, "the rest of the context stays"
+    merged = template(
+        values(
+            GPU["amd"], {"gpu": {"supplementalGroups": [109]}, "podSecurityContext": {"supplementalGroups": [5, 109]}}
+        )
+    )
+    assert deployment_of(merged)["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"] == [5, 109]
+    plain = deployment_of(template(values()))["spec"]["template"]["spec"]["securityContext"]
+    assert "supplementalGroups" not in plain
+
+
+@pytest.mark.parametrize(
+    ("target", "vendor", "capabilities"),
+    [("vulkan", "nvidia", "compute,utility,graphics"), ("vulkan", "amd", None), ("cuda", "nvidia", None)],
+)
+def test_the_vulkan_image_gets_a_gpu(target: str, vendor: str, capabilities: str | None) -> None:
+    docs = template(values({"inference": {"target": target}, "gpu": {"vendor": vendor, "count": 2}}))
+    validate(docs)
+    inference = containers(docs)["inference"]
+    assert inference["image"] == f"llmpods/inference-{target}:0.3.36"
+    assert inference["resources"]["limits"][f"{vendor}.com/gpu"] == 2
+    assert env_of(inference).get("NVIDIA_DRIVER_CAPABILITIES") == capabilities
+    assert env_of(inference)["N_GPU_LAYERS"] == "-1"
+
+
+def test_what_needs_no_gpu_sees_none() -> None:
+    """The cuda image asks for every GPU (NVIDIA_VISIBLE_DEVICES=all): the download and the helm test pod, which
+    request none, must not get them where the NVIDIA runtime is the node's default."""
+    docs = template(values(GPU["nvidia"], SOURCE["download"]))
+    init = deployment_of(docs)["spec"]["template"]["spec"]["initContainers"][0]
+    assert env_of(init)["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert env_of(one(docs, "Pod")["spec"]["containers"][0])["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env_of(containers(docs)["inference"]), "the server keeps its GPU"
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_claim_is_attached_so_that_fs_group_applies(read_only: bool) -> None:
+    """The kubelet gives fsGroup only to volumes it mounts read-write; the container mount stays read-only."""
+    docs = template(values(SOURCE["pvc"], {"model": {"source": {"persistentVolumeClaim": {"readOnly": read_only}}}}))
+    validate(docs)
+    volume = next(v for v in deployment_of(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == (
+        {"claimName": "gguf", "readOnly": True} if read_only else {"claimName": "gguf"}
+    )
+    mount = next(m for m in containers(docs)["inference"]["volumeMounts"] if m["name"] == "model")
+    assert mount["readOnly"] is True
+
+
+def test_the_test_pod_security_context_can_be_left_to_the_platform() -> None:
+    """OpenShift's restricted SCC assigns UIDs: the test pod's, like the Deployment's, can drop them."""
+    pod = one(template(values()), "Pod")["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    docs = template(
+        values(
+            {
+                "podSecurityContext": {"runAsUser": None, "fsGroup": None},
+                "inference": {"securityContext": {"runAsUser": None, "runAsGroup": None}},
+                "tests": {"podSecurityContext": {"runAsUser": None, "runAsGroup": None}},
+            }
+        )
+    )
+    validate(docs)
+    context = one(docs, "Pod")["spec"]["securityContext"]
+    assert "runAsUser" not in context and "runAsGroup" not in context
+    assert context["runAsNonRoot"] is True
+    bare = one(template(values({"tests": {"podSecurityContext": None, "securityContext": None}})), "Pod")["spec"]
+    assert "securityContext" not in bare and "securityContext" not in bare["containers"][0]
+
+
 def test_helm_test_pod_hits_readiness() -> None:
     pod = one(template(values(), namespace="team-a"), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -954,6 +1030,10 @@ def test_role_values_render_and_validate(tmp_path: Path) -> None:
     assert "proxy_read_timeout 600s;" in config["nginx.conf"]
     assert "client_max_body_size 2m;" in config["nginx.conf"]
     assert "worker_connections 1024;" in config["nginx.conf"]
+    # The interceptor keeps an idle connection to the pod for 90 s (Go's IdleConnTimeout): the gateway must not close
+    # it first, or a POST sent on it as nginx closes it fails with a 502 that Go does not retry.
+    [client_keepalive] = re.findall(r"^    keepalive_timeout ([0-9]+)s;$", config["nginx.conf"], re.M)
+    assert int(client_keepalive) > 90
 
 
 def test_keda_ingress_manifests(tmp_path: Path) -> None:
@@ -1037,5 +1117,7 @@ def test_notes(tmp_path: Path, api: str) -> None:
     if api == "none":
         assert "Replicas: 2 (no autoscaler)." in notes
     else:
-        assert "https://llm.example.test/smollm2/v1/chat/completions" in notes
+        # The chart does not know whether the edge terminates TLS: plain HTTP unless it does.
+        assert "http://llm.example.test/smollm2/v1/chat/completions (https:// where the edge terminates TLS)" in notes
+        assert "https://llm.example.test" not in notes
         assert "scales to zero" in notes

@@ -176,6 +176,17 @@ The scaling metric of the add-on's route (spec.scalingMetric of the InterceptorR
 {{- end }}
 
 {{/*
+The pod security context, with the GPU's groups (gpu.supplementalGroups) added to its supplementalGroups.
+*/}}
+{{- define "llm-inference.podSecurityContext" -}}
+{{- $context := deepCopy (default dict .Values.podSecurityContext) }}
+{{- with .Values.gpu.supplementalGroups }}
+{{- $_ := set $context "supplementalGroups" (concat (default list $context.supplementalGroups) . | uniq) }}
+{{- end }}
+{{- toYaml $context }}
+{{- end }}
+
+{{/*
 Deployment strategy: the value when set, else one that fits the GPU case (see values.yaml).
 */}}
 {{- define "llm-inference.strategy" -}}

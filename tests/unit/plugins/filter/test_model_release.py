@@ -65,7 +65,7 @@ def test_values_follow_the_catalog_entry() -> None:
     }
     assert values["imageRegistry"] == "registry.test:5000"
     assert values["inference"] == {"target": "cpu", "resources": {"limits": {"memory": "8Gi"}}}
-    assert values["gpu"] == {"vendor": "none"}
+    assert values["gpu"] == {"vendor": "none", "count": 1, "supplementalGroups": []}
     assert values["autoscaling"] == {"hosts": ["llm.test"], "minReplicas": 1, "maxReplicas": 3, "scaledownPeriod": 60}
     assert values["nodeSelector"] == {"gpu": "yes"}
     assert values["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
@@ -116,6 +116,20 @@ def test_gpu_vendor_follows_the_target(target: str, vendor: str) -> None:
     assert values["model"]["gpuLayers"] is None, "unset: the chart offloads every layer when there is a GPU"
 
 
+@pytest.mark.parametrize("vendor", ["nvidia", "amd"])
+def test_a_vulkan_model_gets_the_gpu_its_entry_names(vendor: str) -> None:
+    entry = {**ENTRY, "target": "vulkan", "gpu_vendor": vendor, "gpu_count": 2, "supplemental_groups": [109]}
+    values = model_release(entry, keys=[KEY])["values"]
+    assert values["gpu"] == {"vendor": vendor, "count": 2, "supplementalGroups": [109]}
+    docs = template(deep_merge(values, GATEWAY_CONFIG))
+    validate(docs)
+    [inference] = [
+        c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"] if c["name"] == "inference"
+    ]
+    assert inference["resources"]["limits"][f"{vendor}.com/gpu"] == 2
+    assert inference["image"].startswith("llmpods/inference-vulkan:")
+
+
 def test_the_secret_is_the_one_the_values_name() -> None:
     release = model_release(ENTRY, keys=[KEY, ROTATED_KEY], namespace="models")
     secret = release["secret"]
@@ -138,6 +152,7 @@ def test_without_keys_the_secret_is_only_named() -> None:
         ({"target": "tpu"}, [KEY], "model 'smollm2': field target must be one of cpu, vulkan, cuda, rocm, got 'tpu'"),
         ({"source": "nfs"}, [KEY], "field source must be one of download, hostPath, persistentVolumeClaim"),
         ({"context_size": "big"}, [KEY], "field context_size must be a whole number, got 'big'"),
+        ({"gpu_vendor": "intel"}, [KEY], "field gpu_vendor must be one of none, nvidia, amd, got 'intel'"),
         ({}, [], "there is no API key"),
         ({}, KEY, "keys must be a list of keys"),
         ({}, ["short"], "API key(s) at position 0 must be 16 to 200 of A-Z"),
