@@ -1077,6 +1077,8 @@ def test_keda_ingress_without_tls_or_class(tmp_path: Path) -> None:
         ROOT / "tests/unit/playbooks/keda_ingress_manifests.yml",
         {
             "keda_ingress_host": "llm.example.test",
+            # No annotations at all: neither the derived ingress-nginx ones nor extra ones.
+            "keda_ingress_nginx_annotations": False,
             "keda_ingress_annotations": {},
             "keda_ingress_manifest_dir": str(tmp_path),
         },
