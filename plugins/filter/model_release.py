@@ -154,11 +154,9 @@ def model_release(
             },
         },
         "imageRegistry": registry or "",
-        # The chart derives every timeout of the pod's path from these two.
+        # The chart derives every timeout of the pod's path from these two, the gateway's too (the keda_chart role
+        # renders nginx.conf with the generation budget).
         "timeouts": {"coldStartSeconds": cold_start, "generationSeconds": generation},
-        # The keda_chart role renders the gateway's nginx.conf from gateway.config.proxyTimeout (the chart's null
-        # means the generation budget, which the role does not read yet): the same budget, said explicitly.
-        "gateway": {"config": {"proxyTimeout": generation}},
         "inference": {"target": target},
         "gpu": {
             "vendor": vendor,
