@@ -205,11 +205,10 @@ comes from these helpers; the margin keeps each hop a little longer than the one
 */}}
 {{- define "llm-inference.timeoutMargin" -}}30{{- end }}
 
-{{/* The gateway's read and send timeout to the inference container: gateway.config.proxyTimeout, else the
-generation budget. */}}
+{{/* The gateway's read and send timeout to the inference container: gateway.config.proxyTimeout (never shorter,
+see llm-inference.validate), else the generation budget. */}}
 {{- define "llm-inference.gatewayTimeout" -}}
-{{- $generation := int .Values.timeouts.generationSeconds }}
-{{- with .Values.gateway.config.proxyTimeout }}{{ max $generation (int .) }}{{ else }}{{ $generation }}{{ end }}
+{{- default .Values.timeouts.generationSeconds .Values.gateway.config.proxyTimeout | int }}
 {{- end }}
 
 {{/* How long the interceptor waits for response headers: past the gateway's own timeout, so that a generation too
