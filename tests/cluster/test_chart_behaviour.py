@@ -157,9 +157,18 @@ def test_a_long_answer_without_streaming_arrives_whole(cluster: dict[str, str], 
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 300
     assert len(answer["choices"][0]["message"]["content"]) > 300
-    print(f"\n300 tokens without streaming through the edge: {took:.1f} s (interceptor default: {default} s)")
+    said = (
+        f"{default:g} s"
+        if default is not None
+        else "not set: the add-on's built-in (300 s in 0.15.0, 500 ms in older add-ons)"
+    )
+    print(
+        f"\n300 tokens without streaming through the edge: {took:.1f} s"
+        f" (the interceptor's global response-header timeout: {said})"
+    )
     if default is not None:
-        assert took > default, "the answer came faster than the interceptor's default: this proves nothing"
+        # Where the cluster sets a short global timeout, the route's own (330 s) is what let the answer through.
+        assert took > default, "the answer came faster than the interceptor's global timeout: this proves nothing"
     assert statuses(the_pod(cluster))["inference"]["restartCount"] == restarts, "a busy server was restarted"
 
 
