@@ -21,7 +21,7 @@ import pytest
 import requests
 import test_kubernetes_target as kubernetes_target
 import yaml
-from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, need, run_playbook
+from conftest import ROOT, STATE, VENV_BIN, need, run_playbook
 
 NAMESPACE = "llmpods-autoscaling-test"
 MODEL = "smollm2"
@@ -37,32 +37,9 @@ kget, kubectl, helm = kubernetes_target.kget, kubernetes_target.kubectl, kuberne
 
 
 def deploy_vars(cluster: dict[str, str], api: str) -> dict[str, Any]:
-    return {
-        "llmpods_target": "kubernetes",
-        "llmpods_kubeconfig": cluster["KUBECONFIG"],
-        "llmpods_namespace": NAMESPACE,
-        "llmpods_registry": cluster["LLMPODS_CLUSTER_REGISTRY"],
-        "llmpods_push": True,
-        "llmpods_ingress": True,
-        "llmpods_ingress_host": HOST,
-        "llmpods_base_url": cluster["LLMPODS_CLUSTER_INGRESS"],
-        "llmpods_helm_binary": str(VENV_BIN / "helm"),
-        "llmpods_state_dir": str(STATE_DIR),
-        "llmpods_models_dir": str(STATE / "models"),
-        "llmpods_wait_timeout": 600,
-        "llmpods_autoscaling_api": api,
-        "llmpods_models": [
-            {
-                "name": MODEL,
-                "file": DEMO_MODEL_FILE,
-                "target": "cpu",
-                "host_path": str(STATE / "models"),
-                "replicas": {"min": 0, "max": 1},
-                "context_size": 2048,
-                "scaledown_period": SCALEDOWN_PERIOD,
-            }
-        ],
-    }
+    return kubernetes_target.release_vars(
+        cluster, NAMESPACE, HOST, STATE_DIR, {"scaledown_period": SCALEDOWN_PERIOD}, llmpods_autoscaling_api=api
+    )
 
 
 def deploy(cluster: dict[str, str], api: str) -> Any:

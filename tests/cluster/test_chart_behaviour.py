@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 import test_kubernetes_target as kubernetes_target
-from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, need, run_playbook
+from conftest import ROOT, STATE, need, run_playbook
 
 NAMESPACE = "llmpods-chart-test"
 MODEL = "smollm2"
@@ -40,31 +40,8 @@ kget, kubectl = kubernetes_target.kget, kubernetes_target.kubectl
 
 
 def deploy_vars(cluster: dict[str, str]) -> dict[str, Any]:
-    return {
-        "llmpods_target": "kubernetes",
-        "llmpods_kubeconfig": cluster["KUBECONFIG"],
-        "llmpods_namespace": NAMESPACE,
-        "llmpods_registry": cluster["LLMPODS_CLUSTER_REGISTRY"],
-        "llmpods_push": True,
-        "llmpods_ingress": True,
-        "llmpods_ingress_host": HOST,
-        "llmpods_base_url": cluster["LLMPODS_CLUSTER_INGRESS"],
-        "llmpods_helm_binary": str(VENV_BIN / "helm"),
-        "llmpods_state_dir": str(STATE_DIR),
-        "llmpods_models_dir": str(STATE / "models"),
-        "llmpods_wait_timeout": 600,
-        "llmpods_models": [
-            {
-                "name": MODEL,
-                "file": DEMO_MODEL_FILE,
-                "target": "cpu",
-                "host_path": str(STATE / "models"),
-                # Warm: the pod under test stays while it is stopped and restarted.
-                "replicas": {"min": 1, "max": 1},
-                "context_size": 2048,
-            }
-        ],
-    }
+    # Warm: the pod under test stays while it is stopped and restarted.
+    return kubernetes_target.release_vars(cluster, NAMESPACE, HOST, STATE_DIR, {"replicas": {"min": 1, "max": 1}})
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import requests
 import test_kubernetes_target as kubernetes_target
 import yaml
-from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, need, run_playbook
+from conftest import ROOT, STATE, need, run_playbook
 
 NAMESPACE = "llmpods-edge-route-test"
 MODEL = "smollm2"
@@ -37,34 +37,16 @@ kget, kubectl = kubernetes_target.kget, kubernetes_target.kubectl
 
 
 def deploy_vars(cluster: dict[str, str], kind: str = "httproute") -> dict[str, Any]:
-    return {
-        "llmpods_target": "kubernetes",
-        "llmpods_kubeconfig": cluster["KUBECONFIG"],
-        "llmpods_namespace": NAMESPACE,
-        "llmpods_registry": cluster["LLMPODS_CLUSTER_REGISTRY"],
-        "llmpods_push": True,
-        "llmpods_ingress": True,
-        "llmpods_ingress_kind": kind,
-        "llmpods_gateway_ref": "/".join(GATEWAY),
-        "llmpods_ingress_host": HOST,
-        "llmpods_base_url": cluster["LLMPODS_CLUSTER_INGRESS"],
-        "llmpods_helm_binary": str(VENV_BIN / "helm"),
-        "llmpods_state_dir": str(STATE_DIR),
-        "llmpods_models_dir": str(STATE / "models"),
-        "llmpods_wait_timeout": 600,
-        "llmpods_models": [
-            {
-                "name": MODEL,
-                "file": DEMO_MODEL_FILE,
-                "target": "cpu",
-                "host_path": str(STATE / "models"),
-                "replicas": {"min": 0, "max": 1},
-                "context_size": 2048,
-                # The model stays up through the tests once the deploy has woken it.
-                "scaledown_period": 900,
-            }
-        ],
-    }
+    # The model stays up through the tests once the deploy has woken it.
+    return kubernetes_target.release_vars(
+        cluster,
+        NAMESPACE,
+        HOST,
+        STATE_DIR,
+        {"scaledown_period": 900},
+        llmpods_ingress_kind=kind,
+        llmpods_gateway_ref="/".join(GATEWAY),
+    )
 
 
 def api_key() -> str:

@@ -78,21 +78,25 @@ def helm(cluster: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
     )
 
 
-def deploy_vars(cluster: dict[str, str], chart_dir: Path | None = None) -> dict[str, Any]:
+def release_vars(
+    cluster: dict[str, str], namespace: str, host: str, state_dir: Path, model: dict[str, Any], **settings: Any
+) -> dict[str, Any]:
+    """Extra vars of deploy.yml for the demo model on this cluster, behind its Ingress controller: the model entry
+    adds to (or replaces) the demo's catalog fields, settings to the playbook's."""
     return {
         "llmpods_target": "kubernetes",
         "llmpods_kubeconfig": cluster["KUBECONFIG"],
-        "llmpods_namespace": NAMESPACE,
+        "llmpods_namespace": namespace,
         "llmpods_registry": cluster["LLMPODS_CLUSTER_REGISTRY"],
         "llmpods_push": True,
         "llmpods_ingress": True,
-        "llmpods_ingress_host": HOST,
+        "llmpods_ingress_host": host,
         "llmpods_base_url": cluster["LLMPODS_CLUSTER_INGRESS"],
         "llmpods_helm_binary": str(VENV_BIN / "helm"),
-        "llmpods_state_dir": str(STATE / "cluster-test"),
+        "llmpods_state_dir": str(state_dir),
         "llmpods_models_dir": str(STATE / "models"),
-        "llmpods_chart_dir": str(chart_dir or ROOT / "files" / "helm" / "llm-inference"),
         "llmpods_wait_timeout": 600,
+        **settings,
         "llmpods_models": [
             {
                 "name": MODEL,
@@ -102,10 +106,21 @@ def deploy_vars(cluster: dict[str, str], chart_dir: Path | None = None) -> dict[
                 "host_path": str(STATE / "models"),
                 "replicas": {"min": 0, "max": 1},
                 "context_size": 2048,
-                "scaledown_period": SCALEDOWN_PERIOD,
+                **model,
             }
         ],
     }
+
+
+def deploy_vars(cluster: dict[str, str], chart_dir: Path | None = None) -> dict[str, Any]:
+    return release_vars(
+        cluster,
+        NAMESPACE,
+        HOST,
+        STATE / "cluster-test",
+        {"scaledown_period": SCALEDOWN_PERIOD},
+        llmpods_chart_dir=str(chart_dir or ROOT / "files" / "helm" / "llm-inference"),
+    )
 
 
 def api_key() -> str:
