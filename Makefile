@@ -23,7 +23,7 @@ export ANSIBLE_FORCE_COLOR := false
 PLAYBOOK := $(BIN)/ansible-playbook -i inventory/localhost.yml
 
 .PHONY: help venv dev collection helm model images deploy undeploy test lint sanity pytest molecule bench clean \
-	cluster cluster-down test-cluster
+	cluster cluster-down test-cluster wheels
 
 help: ## List the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,13 +38,30 @@ $(BIN)/.requirements: requirements.txt
 	$(PIP) --no-compile -r requirements.txt
 	touch $@
 
+# llama-cpp-python, which the server's tests run in this venv: with a Docker engine, the wheel that the CPU
+# image's build stage compiled (the version pinned in requirements-dev.txt), read out of the layer cache, so that it
+# is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake).
+LLAMA_CPP_PYTHON_VERSION = $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-dev.txt)
+WHEELS := $(BUILD)/wheels
+
 $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requirements
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) -r requirements-dev.txt
+	if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory wheels; fi
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) --find-links $(WHEELS) -r requirements-dev.txt
 	touch $@
+
+wheels: venv collection ## Take the llama-cpp-python wheel out of the CPU image's build stage (builds the image)
+	$(PLAYBOOK) playbooks/build_images.yml \
+	  -e '{"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)"}'
+	DOCKER_BUILDKIT=0 docker build --quiet --target build --build-arg LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) \
+	  -f $(BUILD)/inference_image/context/cpu.Dockerfile -t llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
+	  $(BUILD)/inference_image/context
+	mkdir -p $(WHEELS)
+	id=$$(docker create llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION)) && \
+	  { docker cp $$id:/wheels/. $(WHEELS)/; rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
 
 venv: $(BIN)/.requirements ## Create the virtual environment with what deploying needs (requirements.txt)
 
-dev: $(BIN)/.requirements-dev ## Add the lint, test and benchmark tools (requirements-dev.txt; compiles llama-cpp-python)
+dev: $(BIN)/.requirements-dev ## Add the lint, test and benchmark tools (requirements-dev.txt; llama-cpp-python from the CPU image)
 
 $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
@@ -93,11 +110,18 @@ cluster: ## Start a single-node Kubernetes cluster with KEDA (root; builds it on
 cluster-down: ## Remove that cluster and everything it started (the build cache stays)
 	tools/cluster/down.sh
 
+# The test files and the molecule scenario run side by side, each on a release of its own in a namespace of its
+# own: most of their time is spent waiting on the cluster (cold starts, cooldowns, rollouts). Molecule's output
+# follows pytest's.
 test-cluster: dev collection helm model ## The Kubernetes target on the cluster of `make cluster`
-	$(BIN)/pytest --durations=20 -rP -p no:cacheprovider tests/cluster
-	set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
+	mkdir -p $(BUILD)
+	{ set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
 	  LLMPODS_REGISTRY=$$LLMPODS_CLUSTER_REGISTRY LLMPODS_TEST_MODEL_HOST_PATH=$(STATE)/models \
-	  $(BIN)/molecule test -s kubernetes
+	  $(BIN)/molecule test -s kubernetes; } >$(BUILD)/molecule-kubernetes.log 2>&1 & molecule=$$!; \
+	$(BIN)/pytest -n 4 --dist loadfile --durations=20 -rP -p no:cacheprovider tests/cluster; pytest=$$?; \
+	wait $$molecule; molecule=$$?; cat $(BUILD)/molecule-kubernetes.log; \
+	echo "tests/cluster: exit $$pytest; molecule kubernetes: exit $$molecule"; \
+	[ $$pytest -eq 0 ] && [ $$molecule -eq 0 ]
 
 bench: dev collection helm model ## Benchmarks (not tests): print side-by-side ratios
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

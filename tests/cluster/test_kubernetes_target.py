@@ -106,6 +106,9 @@ def release_vars(
                 "host_path": str(STATE / "models"),
                 "replicas": {"min": 0, "max": 1},
                 "context_size": 2048,
+                # The cluster tests run side by side on a node of 2 CPUs: each model asks for a tenth of one, and
+                # may use both.
+                "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
                 **model,
             }
         ],

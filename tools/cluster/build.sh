@@ -46,6 +46,7 @@ go_component() {
   local src="$CACHE/src/$name-$version" start=$SECONDS
   log "$name $version: building $* from $module"
   fetch_module "$module" "$version" "$sibling" "$src"
+  if declare -F "prepare_$name" >/dev/null; then "prepare_$name" "$src"; fi
   mkdir -p "$BIN/$name"
   (cd "$src" && go build -trimpath -ldflags "-s -w $ldflags" -o "$BIN/$name/" "$@")
   touch "$stamp"
@@ -60,6 +61,20 @@ k8s_ldflags() {
     printf -- '-X %s.gitVersion=%s -X %s.gitMajor=1 -X %s.gitMinor=%s -X %s.gitTreeState=clean ' \
       "$x" "$v" "$x" "$x" "$minor" "$x"
   done
+}
+
+# CoreDNS with the plugins of the Corefile that the Kubernetes module's DNS add-on ships, and no others (the
+# cloud DNS backends pull in whole cloud SDKs): upstream's way to build a custom CoreDNS, a shorter plugin.cfg and
+# its generator. The plugins keep their upstream order, which is the order they run in.
+COREDNS_PLUGINS="errors health ready kubernetes prometheus forward cache loop reload loadbalance"
+prepare_coredns() {
+  local src="$1" keep
+  keep="$(tr ' ' '|' <<<"$COREDNS_PLUGINS")"
+  grep -E "^($keep):" "$src/plugin.cfg" >"$src/plugin.cfg.new"
+  [[ "$(wc -l <"$src/plugin.cfg.new")" -eq "$(wc -w <<<"$COREDNS_PLUGINS")" ]] ||
+    die "CoreDNS $COREDNS_VERSION: plugin.cfg lacks one of: $COREDNS_PLUGINS"
+  mv "$src/plugin.cfg.new" "$src/plugin.cfg"
+  (cd "$src" && go run directives_generate.go)
 }
 
 total=$SECONDS
