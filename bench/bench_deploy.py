@@ -44,7 +44,7 @@ SKIP_IMAGES = os.environ.get("LLMPODS_BENCH_SKIP_IMAGES", "") in ("1", "true", "
 STAGES = [
     ("catalog", ("catalog", "settings")),
     ("images", ("image", "inference_image : ", "gateway : Build")),
-    ("demo model", ("demo model",)),
+    ("demo model", ("model_file : ", "model files")),
     ("keys", ("key",)),
     ("chart values", ("keda_chart", "gateway : ", "chart values")),
     ("helm template", ("Render the chart of",)),

@@ -112,9 +112,9 @@ def docker_engine() -> None:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    """The demo GGUF, fetched by the collection's own playbook if it is not there yet."""
+    """The demo GGUF, fetched by the collection's own playbook (`make model`) if it is not there yet."""
     if not DEMO_MODEL.exists():
-        result = run_playbook(ROOT / "playbooks" / "demo_model.yml")
+        result = run_playbook(ROOT / "playbooks" / "fetch_models.yml")
         assert result.rc == 0, result.failure()
     need(DEMO_MODEL.exists(), f"the demo model at {DEMO_MODEL}")
     return DEMO_MODEL

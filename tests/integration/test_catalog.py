@@ -11,6 +11,7 @@ from conftest import ROOT, STATE, free_port, need_collection, run_playbook
 
 GOOD = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "context_size": 2048}
 DOWNLOAD = {"url": "https://models.example.test/tiny.gguf", "sha256": "ab" * 32}
+PACKAGE = {"requirement": "llm-tiny==1.0", "member": "llm_tiny/tiny.gguf"}
 
 # (entry fields over a good entry named "badmodel", the field named in the error, what the error says)
 ENTRY_ERRORS = {
@@ -27,6 +28,27 @@ ENTRY_ERRORS = {
     "file-absent-no-url": ({"file": "no-such-model.gguf"}, "file", "does not exist, and the entry has no url"),
     "sha256-missing": ({"file": "tiny.gguf", "url": DOWNLOAD["url"]}, "sha256", "must be 64 hex digits"),
     "sha256-short": ({"file": "tiny.gguf", **DOWNLOAD, "sha256": "abc"}, "sha256", "must be 64 hex digits"),
+    "package-no-sha256": ({"file": "tiny.gguf", "package": PACKAGE}, "sha256", "when url or package is set"),
+    "package-and-url": (
+        {"file": "tiny.gguf", **DOWNLOAD, "package": PACKAGE},
+        "package",
+        "url or from package, not both",
+    ),
+    "package-member-missing": (
+        {"file": "tiny.gguf", "sha256": "ab" * 32, "package": {"requirement": "llm-tiny==1.0"}},
+        "package.member",
+        "is required",
+    ),
+    "package-member-outside": (
+        {"file": "tiny.gguf", "sha256": "ab" * 32, "package": {**PACKAGE, "member": "../../etc/passwd"}},
+        "package.member",
+        "must be a path inside the wheel",
+    ),
+    "package-not-mapping": (
+        {"file": "tiny.gguf", "sha256": "ab" * 32, "package": "llm-tiny"},
+        "package",
+        "must be {requirement: name==version, member: path in the wheel}",
+    ),
     "replicas-not-mapping": ({"replicas": 3}, "replicas", "must be {min: N, max: M}"),
     "replicas-min-not-int": ({"replicas": {"min": "few", "max": 1}}, "replicas.min", "must be of type int"),
     "replicas-min-above-max": ({"replicas": {"min": 3, "max": 2}}, "replicas", "0 <= N <= M"),
