@@ -25,13 +25,14 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.llmpods.inference.plugins.module_utils._names import DNS_LABEL
+
 LABEL_POD = "io.llmpods.pod"
 LABEL_ROLE = "io.llmpods.pod-role"
 LABEL_CONTAINER = "io.llmpods.container"
 LABEL_NAMESPACE = "io.llmpods.namespace"
 LABEL_POD_HASH = "io.llmpods.pod-hash"
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
 SUFFIXES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1}

@@ -21,13 +21,13 @@ and retried until the deadline; 401/403 from a keyed stage and other 4xx end the
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ansible_collections.llmpods.inference.plugins.module_utils._http import Answer, trim
+from ansible_collections.llmpods.inference.plugins.module_utils._names import DNS_LABEL
 
 WAIT_SPEC = dict(
     wait_timeout=dict(type="int", default=300),
@@ -35,9 +35,8 @@ WAIT_SPEC = dict(
 )
 """Argument spec paired 1:1 with the ``llmpods.inference._wait`` doc fragment."""
 
-# The DNS-label rule's home is the llmpods.inference.dns_label test plugin; a module runs on the target without
-# the controller's plugins, so it keeps this copy.
-MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A model id a client sends: a DNS label (the rule's home is _names).
+MODEL_NAME = DNS_LABEL
 
 STAGES = ("readiness", "models", "completion")
 

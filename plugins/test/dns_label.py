@@ -1,42 +1,22 @@
 # Copyright: llmpods maintainers
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
 
-"""The one home of the naming rules for the collection's roles and playbooks.
-
-A model name is the URL prefix, the model id, and the suffix of the release name ``llm-<name>``, whose objects
-(Service, Deployment, KEDA's ``keda-hpa-<release>``) carry it. So:
-
-- ``dns_label`` (no rule): an RFC 1123 label, at most 63 characters;
-- ``dns_label('release')``: a Helm release (or fullnameOverride) name: a DNS-1035 label (it names a Service, so it
-  starts with a letter), at most 53 characters (Helm's limit, which also keeps ``keda-hpa-<release>`` within 63);
-- ``dns_label('model')``: a model name: a DNS-1035 label of at most 49 characters, so that ``llm-<name>`` is a
-  release name.
-
-The chart's values.schema.json keeps its own copy (the chart is used without Ansible) and the model_ready module
-keeps one (a module cannot call a test plugin). The test docs live next to this file (``dns_label.yml``).
-"""
+"""The ``dns_label`` test: the collection's naming rules (``plugins/module_utils/_names.py``, their one home) for
+roles and playbooks. The test docs live next to this file (``dns_label.yml``)."""
 
 from __future__ import annotations
 
-import re
-
 from ansible.errors import AnsibleError
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# Longest name per rule: Helm's release names, and a model name within llm-<name>.
-RELEASE_MAX = 53
-MODEL_MAX = RELEASE_MAX - len("llm-")
-RULES = {"release": RELEASE_MAX, "model": MODEL_MAX}
+from ansible_collections.llmpods.inference.plugins.module_utils._names import is_dns_label
 
 
 def dns_label(value, rule: str | None = None) -> bool:
     """True for a DNS label; with ``rule`` ('model' or 'release'), a DNS-1035 label short enough for that name."""
-    if rule is None:
-        return isinstance(value, str) and DNS_LABEL.fullmatch(value) is not None
-    if rule not in RULES:
-        raise AnsibleError(f"dns_label: rule must be one of {', '.join(RULES)}, got {rule!r}")
-    return isinstance(value, str) and len(value) <= RULES[rule] and DNS_1035_LABEL.fullmatch(value) is not None
+    try:
+        return is_dns_label(value, rule)
+    except ValueError as exc:
+        raise AnsibleError(f"dns_label: {exc}") from exc
 
 
 class TestModule:

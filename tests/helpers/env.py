@@ -27,6 +27,8 @@ CPU_IMAGE = f"llmpods/inference-cpu:{LLAMA_CPP_PYTHON_VERSION}"
 
 def plugin(kind: str, name: str) -> ModuleType:
     """The collection's plugin file ``plugins/<kind>/<name>.py``, imported as a module (without Ansible's loader)."""
+    # Plugins import the collection's module_utils: make the collection importable first.
+    importlib.import_module("helpers.gateway_stub")
     spec = importlib.util.spec_from_file_location(f"llmpods_{kind}_{name}", ROOT / "plugins" / kind / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

