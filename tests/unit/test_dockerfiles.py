@@ -138,18 +138,29 @@ def test_multi_stage_build_then_runtime(dockerfile: Dockerfile) -> None:
     assert not any("build-essential" in r or "cmake" in r for r in runtime.all("RUN")), "no compilers at run time"
 
 
+# What each target's build stage must pass to CMake (its GGML backend), and the build argument that picks the GPU
+# architectures where the target has one.
+GGML_FLAGS = {
+    "cpu": ["-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS", "-DGGML_NATIVE=OFF"],
+    "cuda": ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF"],
+    "rocm": ["-DGGML_HIP=ON", "-DGGML_NATIVE=OFF"],
+    "vulkan": ["-DGGML_VULKAN=ON", "-DGGML_NATIVE=OFF"],
+}
+ARCH_ARG = {"cuda": "CMAKE_CUDA_ARCHITECTURES", "rocm": "AMDGPU_TARGETS"}
+
+
 def test_cmake_flags_are_current_ggml_ones(target: str, dockerfile: Dockerfile) -> None:
     build = dockerfile.stages[0]
     cmake_args = build.args()["CMAKE_ARGS"] or ""
     flags = cmake_args.split()
-    for flag in _role_vars()["_inference_image_targets"][target]["ggml_flags"]:
+    for flag in GGML_FLAGS[target]:
         assert flag in flags, f"{flag} missing from CMAKE_ARGS of {target}"
     assert "-DGGML_NATIVE=OFF" in flags, "portable build: no -march=native"
     text = (DOCKER_DIR / f"{target}.Dockerfile").read_text()
     assert not re.search(r"-DLLAMA_[A-Z_]+", text), "legacy LLAMA_* CMake flags are gone upstream"
     assert "CUBLAS" not in text and "HIPBLAS=" not in text
     assert build.env().get("CMAKE_ARGS") == "${CMAKE_ARGS}"
-    arch_arg = _role_vars()["_inference_image_targets"][target].get("arch_arg")
+    arch_arg = ARCH_ARG.get(target)
     if arch_arg:
         assert build.args().get(arch_arg), f"{arch_arg} is a build argument with a default"
         assert f"${{{arch_arg}}}" in cmake_args
