@@ -43,6 +43,8 @@ $(BIN)/.requirements: requirements.txt
 # is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake).
 LLAMA_CPP_PYTHON_VERSION = $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-dev.txt)
 WHEELS := $(BUILD)/wheels
+WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", \
+	"inference_image_build_dir": "$(BUILD)/inference_image"}
 
 $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requirements
 	if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory wheels; fi
@@ -50,8 +52,7 @@ $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requir
 	touch $@
 
 wheels: venv collection ## Take the llama-cpp-python wheel out of the CPU image's build stage (builds the image)
-	$(PLAYBOOK) playbooks/build_images.yml -e '{"llmpods_targets": ["cpu"], \
-	  "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", "inference_image_build_dir": "$(BUILD)/inference_image"}'
+	$(PLAYBOOK) playbooks/build_images.yml -e '$(WHEEL_IMAGE_VARS)'
 	DOCKER_BUILDKIT=0 docker build --quiet --target build --build-arg LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) \
 	  -f $(BUILD)/inference_image/context/cpu.Dockerfile -t llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
 	  $(BUILD)/inference_image/context
