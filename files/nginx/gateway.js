@@ -285,11 +285,13 @@ function listedModels(text) {
 }
 
 // Readiness (/alive).
-// Before the first success: GET /v1/models on the backend must list the model. That call waits on
-// the backend's model lock, which is free while nothing is generating yet.
-// After it (latched): a path the backend does not serve. Its 404 comes from the web framework
-// without the model lock, so a running generation neither delays this check nor is interrupted by
-// it. Connection refused or a timeout drops the latch: 503, and the next check lists models again.
+// The probe (/_llmpods/probe) is a lock-free check of the backend: for llama-cpp-python a path it does not serve
+// (its 404 comes from the web framework without the model lock), for llama-server its /health (503 while the model
+// loads). Before the first success: the probe must answer below 500, then GET /v1/models on the backend must list
+// the model (llama-cpp-python's takes the model lock, free while nothing is generating yet; llama-server lists the
+// model before it is loaded, hence the probe first). After it (latched): the probe alone, so a running generation
+// neither delays this check nor is interrupted by it. A 5xx, connection refused or a timeout drops the latch: 503,
+// and the next check lists models again.
 async function alive(r) {
     const model = r.variables.llmpods_model;
     const marker = r.variables.llmpods_ready_marker;
@@ -316,6 +318,14 @@ async function alive(r) {
         return;
     }
 
+    const health = await r.subrequest('/_llmpods/probe');
+    if (health.status >= 500) {
+        sendJson(r, 503, {
+            status: 'loading', model: model,
+            message: `the inference backend is not ready (gateway status ${health.status})`,
+        });
+        return;
+    }
     const reply = await r.subrequest('/_llmpods/models');
     if (reply.status !== 200) {
         sendJson(r, 503, {
@@ -345,4 +355,114 @@ async function alive(r) {
     sendJson(r, 200, { status: 'ready', model: model });
 }
 
-export default { keyOk, alive, badRequest };
+// The tokenizer routes for the llama-server backend (nginx.conf sends /extras/* here when it is the backend):
+// llama-cpp-python's request and answer shapes, from llama-server's own routes. The text is tokenized as a
+// completion prompt is (with the model's start token, special tokens parsed), so that
+//   /extras/tokenize          {"input": "..."}              -> {"tokens": [...]}
+//   /extras/tokenize/count    {"input": "..."}              -> {"count": n}, the length of /extras/tokenize
+//   /extras/tokenize/count    a whole chat completion request -> {"count": n}, its usage.prompt_tokens: the prompt
+//                             llama-server's /apply-template makes from it, tokenized as the chat route does
+//   /extras/detokenize        {"tokens": [...]}             -> {"text": "..."}, ids checked against the vocabulary
+// A bad request gets a 400 here, before anything reaches the backend.
+const BACKEND = '/_llmpods/backend';
+
+// An error of the client's request: a 400 naming the field.
+function requestError(message, param) {
+    const error = new Error(message);
+    error.param = param;
+    error.request = true;
+    return error;
+}
+
+function requestJson(r) {
+    let body;
+    try {
+        body = JSON.parse(r.requestText || '');
+    } catch (e) {
+        throw requestError('The request body is not valid JSON.', null);
+    }
+    if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+        throw requestError('The request body must be a JSON object.', null);
+    }
+    return body;
+}
+
+async function backendJson(r, path, body) {
+    const reply = await r.subrequest(`${BACKEND}${path}`, { method: 'POST', body: JSON.stringify(body) });
+    if (reply.status !== 200) {
+        const error = new Error(`POST ${path} on the inference backend: status ${reply.status}`);
+        error.status = reply.status;
+        error.text = reply.responseText;
+        throw error;
+    }
+    return JSON.parse(reply.responseText);
+}
+
+async function tokenize(r, text) {
+    if (typeof text !== 'string') {
+        throw requestError('input: must be a string.', 'input');
+    }
+    return (await backendJson(r, '/tokenize', { content: text, add_special: true, parse_special: true })).tokens;
+}
+
+async function vocabularySize(r) {
+    const reply = await r.subrequest('/_llmpods/models');
+    const data = JSON.parse(reply.responseText).data || [];
+    for (let i = 0; i < data.length; i++) {
+        if (data[i].id === r.variables.llmpods_model && data[i].meta && data[i].meta.n_vocab) {
+            return data[i].meta.n_vocab;
+        }
+    }
+    throw new Error('GET /v1/models on the inference backend: no vocabulary size for the model');
+}
+
+async function extrasAnswer(r, route, body) {
+    if (route === '/extras/tokenize') {
+        return { tokens: await tokenize(r, body.input) };
+    }
+    if (route === '/extras/detokenize') {
+        const tokens = body.tokens;
+        if (!Array.isArray(tokens)) {
+            throw requestError('tokens: must be a list of token ids.', 'tokens');
+        }
+        const size = await vocabularySize(r);
+        for (let i = 0; i < tokens.length; i++) {
+            if (!Number.isInteger(tokens[i]) || tokens[i] < 0 || tokens[i] >= size) {
+                throw requestError(`tokens: ${JSON.stringify(tokens[i]).slice(0, 40)} is not a token id of this `
+                    + `model (0 to ${size - 1}).`, 'tokens');
+            }
+        }
+        return { text: (await backendJson(r, '/detokenize', { tokens: tokens })).content };
+    }
+    if (body.messages === undefined) {
+        return { count: (await tokenize(r, body.input)).length };
+    }
+    if (!Array.isArray(body.messages) || body.messages.length === 0) {
+        throw requestError('messages: must be a non-empty list of chat messages.', 'messages');
+    }
+    const prompt = (await backendJson(r, '/apply-template', body)).prompt;
+    return { count: (await tokenize(r, prompt)).length };
+}
+
+async function extras(r) {
+    const route = r.variables.llmpods_route;
+    try {
+        sendJson(r, 200, await extrasAnswer(r, route, requestJson(r)));
+    } catch (e) {
+        if (e.request) {
+            const error = apiError(e.message, 'invalid_request_error', 'invalid_value');
+            error.error.param = e.param;
+            sendJson(r, 400, error);
+        } else if (e.status >= 400 && e.status < 500) {
+            // The backend refused the request (a chat request its template cannot take, say): its own answer.
+            r.headersOut['Content-Type'] = 'application/json';
+            r.return(e.status, e.text);
+        } else {
+            r.error(`llmpods: ${route}: ${e.message}`);
+            sendJson(r, 502, apiError(`The inference backend for model ${r.variables.llmpods_model} is not answering.`,
+                'server_error', 'backend_unavailable'));
+        }
+    }
+}
+
+export default { keyOk, alive, badRequest, extras };

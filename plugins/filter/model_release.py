@@ -23,6 +23,7 @@ from ansible.errors import AnsibleFilterError
 GPU_VENDORS = {"cpu": "none", "vulkan": "none", "cuda": "nvidia", "rocm": "amd"}
 VENDORS = ("none", "nvidia", "amd")
 SOURCES = ("download", "hostPath", "persistentVolumeClaim")
+BACKENDS = ("llama-cpp-python", "llama-server")
 # The item of the Secret that holds the keys; the chart mounts it as the gateway's keys file.
 KEYS_ITEM = "api-keys"
 # A key: the syntax the gateway accepts (files/nginx/gateway.js, KEY_SYNTAX: RFC 6750 token characters, no "/" at
@@ -126,6 +127,11 @@ def model_release(
         raise AnsibleFilterError(
             f"model_release: model {name!r}: field gpu_vendor must be one of {', '.join(VENDORS)}, got {vendor!r}"
         )
+    backend = _field(entry, "backend", "llama-cpp-python")
+    if backend not in BACKENDS:
+        raise AnsibleFilterError(
+            f"model_release: model {name!r}: field backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
     groups = [_int(entry, "supplemental_groups", group) for group in entry.get("supplemental_groups") or []]
     model_file = _field(entry, "model_file") or _field(entry, "file", "")
     release = _field(entry, "release") or f"llm-{name}"
@@ -157,7 +163,7 @@ def model_release(
         # The chart derives every timeout of the pod's path from these two, the gateway's too (the keda_chart role
         # renders nginx.conf with the generation budget).
         "timeouts": {"coldStartSeconds": cold_start, "generationSeconds": generation},
-        "inference": {"target": target},
+        "inference": {"target": target, "backend": backend},
         "gpu": {
             "vendor": vendor,
             "count": _int(entry, "gpu_count", _field(entry, "gpu_count", 1)),
@@ -173,6 +179,8 @@ def model_release(
         "nodeSelector": dict(entry.get("node_selector") or {}),
         "tolerations": list(entry.get("tolerations") or []),
     }
+    if _field(entry, "parallel") is not None:
+        values["inference"]["parallel"] = _int(entry, "parallel", entry["parallel"])
     if entry.get("resources"):
         values["inference"]["resources"] = dict(entry["resources"])
 

@@ -20,11 +20,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from helpers.env import ROOT
+from helpers.env import ROOT, free_port
 
 CONFIG_PLAYBOOK = ROOT / "tests" / "integration" / "playbooks" / "gateway_config.yml"
 JS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 SERVER_PACKAGE = ROOT / "files" / "docker" / "llmpods_server"
+LLAMA_SERVER = Path(sys.executable).parent / "llama-server"
+BACKENDS = ("llama-cpp-python", "llama-server")
 TESTS = ROOT / "tests"
 MODEL_NAME = "smollm2"
 # What a response must never show a client: a Python traceback, or the server's own file paths.
@@ -170,13 +172,30 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 
 
 class Backend:
-    """The project's inference server (llmpods_server on llama-cpp-python) serving the demo model."""
+    """One of the image's inference servers serving the demo model, as the pod runs it.
 
-    def __init__(self, model: Path, port: int, log: Path, alias: str = MODEL_NAME, module: str = "llmpods_server"):
+    ``kind`` is the backend: ``llama-cpp-python`` (the project's llmpods_server, from this venv) or ``llama-server``
+    (llama.cpp's server, the binary `make dev` takes out of the CPU image's build stage into this venv).
+    """
+
+    def __init__(
+        self,
+        model: Path,
+        port: int,
+        log: Path,
+        alias: str = MODEL_NAME,
+        module: str = "llmpods_server",
+        kind: str = "llama-cpp-python",
+        parallel: int = 4,
+        binary: Path = LLAMA_SERVER,
+    ):
         self.model, self.port, self.log, self.alias, self.module = model, port, log, alias, module
+        self.kind, self.parallel, self.binary = kind, parallel, binary
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
+        if self.kind == "llama-server":
+            return self._llama_server_command()
         env = dict(os.environ)
         env.update(
             MODEL=str(self.model),
@@ -195,6 +214,27 @@ class Backend:
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep files/docker free of __pycache__
         return [sys.executable, "-m", self.module], env
 
+    def _llama_server_command(self) -> tuple[list[str], dict[str, str]]:
+        binary = self.binary
+        if not binary.exists():
+            raise FileNotFoundError(f"llama-server is missing: {binary} (`make dev` takes it out of the CPU image)")
+        env = dict(os.environ)
+        # The variables the chart sets (deployment.yaml), with 2048 tokens per slot.
+        env.update(
+            LLAMA_ARG_MODEL=str(self.model),
+            LLAMA_ARG_ALIAS=self.alias,
+            LLAMA_ARG_N_PARALLEL=str(self.parallel),
+            LLAMA_ARG_CTX_SIZE=str(2048 * self.parallel),
+            LLAMA_ARG_KV_UNIFIED="false",
+            LLAMA_ARG_THREADS="2",
+            LLAMA_ARG_N_GPU_LAYERS="0",
+            LLAMA_ARG_HOST="127.0.0.1",
+            LLAMA_ARG_PORT=str(self.port),
+            LLAMA_ARG_ENDPOINT_METRICS="true",
+            LLAMA_ARG_UI="false",
+        )
+        return [str(binary)], env
+
     def start(self) -> Backend:
         cmd, env = self.command()
         with self.log.open("ab") as log:
@@ -206,9 +246,11 @@ class Backend:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            return request(self.port, "GET", "/v1/models", timeout=5)[0] == 200
+            # llama-server lists the model before it is loaded; its /health waits for the load.
+            path = "/health" if self.kind == "llama-server" else "/v1/models"
+            return request(self.port, "GET", path, timeout=5)[0] == 200
 
-        wait_for(up, timeout, 0.2, "backend /v1/models 200")
+        wait_for(up, timeout, 0.2, "backend ready")
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -233,8 +275,10 @@ class Gateway:
         self.access_log = root / "access.log"
         self.error_log = root / "error.log"
         self.port = listen_port
+        self.metrics_port = free_port()
         self.vars = {
             "gateway_model_name": model,
+            "gateway_metrics_port": self.metrics_port,
             "gateway_config_dir": str(self.config_dir),
             "gateway_run_dir": str(self.run_dir),
             "gateway_keys_file": str(self.keys_file),

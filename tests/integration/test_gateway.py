@@ -1,6 +1,7 @@
 """The gateway as a client sees it: real nginx running the config that roles/gateway renders, in front of
-real llama-cpp-python serving the demo model (and, where the test must see exactly what nginx forwards,
-a recording stand-in upstream)."""
+each real backend serving the demo model, llama-cpp-python and llama-server (and, where the test must see exactly
+what nginx forwards, a recording stand-in upstream). Every test that takes ``backend`` or ``gateway`` runs against
+both backends."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from conftest import ROOT, free_port, need, run_playbook
 from helpers import gateway_stub as stub
 from helpers.gateway import (
+    BACKENDS,
     CONFIG_PLAYBOOK,
+    LLAMA_SERVER,
     MODEL_NAME,
     Backend,
     Gateway,
@@ -44,9 +47,19 @@ def nginx() -> None:
     need(nginx_ok(), "nginx with the njs module (Debian: nginx-light libnginx-mod-http-js)")
 
 
-@pytest.fixture(scope="module")
-def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    proc = Backend(demo_model, free_port(), tmp_path_factory.mktemp("backend") / "backend.log").start()
+def need_backend(kind: str) -> None:
+    if kind == "llama-server":
+        need(
+            LLAMA_SERVER.exists(),
+            f"llama-server in the venv ({LLAMA_SERVER}; `make dev` takes it out of the CPU image)",
+        )
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    need_backend(request.param)
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    proc = Backend(demo_model, free_port(), log, kind=request.param).start()
     try:
         proc.wait_ready()
         yield proc
@@ -56,7 +69,12 @@ def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def gateway(nginx: None, backend: Backend, tmp_path_factory: pytest.TempPathFactory):
-    gw = Gateway(tmp_path_factory.mktemp("gateway"), upstream_port=backend.port, listen_port=free_port())
+    gw = Gateway(
+        tmp_path_factory.mktemp("gateway"),
+        upstream_port=backend.port,
+        listen_port=free_port(),
+        gateway_backend=backend.kind,
+    )
     write_keys(gw.keys_file, [KEY_A, KEY_B], comment=COMMENTS)
     gw.render(run_playbook)
     gw.start()
@@ -165,6 +183,12 @@ UNAUTHORIZED = {
 }
 
 
+# What a backend received is read from its request log: llama-cpp-python (uvicorn) logs every request, llama-server
+# none, so these run against llama-cpp-python; the gateway's checks come before any backend is involved.
+REQUEST_LOG = pytest.mark.parametrize("backend", ["llama-cpp-python"], indirect=True)
+
+
+@REQUEST_LOG
 @pytest.mark.parametrize("headers", UNAUTHORIZED.values(), ids=UNAUTHORIZED.keys())
 def test_requests_without_a_valid_key_never_reach_the_model(gateway: Gateway, backend: Backend, headers) -> None:
     before = len(backend.requests_seen())
@@ -191,6 +215,7 @@ def assert_backend_saw_nothing_since(gateway: Gateway, backend: Backend, before:
     assert len(new) == 1 and "GET /v1/models " in new[0], new
 
 
+@REQUEST_LOG
 def test_key_in_the_query_string_is_refused_and_not_logged(gateway: Gateway, backend: Backend) -> None:
     before = len(backend.requests_seen())
     assert_unauthorized(*request(gateway.port, "GET", f"/{MODEL_NAME}/v1/models?key={KEY_B}"))
@@ -285,6 +310,88 @@ def test_valid_keys_reach_every_endpoint(gateway: Gateway) -> None:
     assert json.loads(body)["count"] == prompt_tokens
 
 
+CHATS = {
+    "user": {"messages": [{"role": "user", "content": "Hi"}]},
+    "system-user": {
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "Name three primary colours."},
+        ]
+    },
+    "multi-turn": {
+        "messages": [
+            {"role": "system", "content": "You answer in French."},
+            {"role": "user", "content": "What is the capital of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+            {"role": "user", "content": "And of Spain? Écris en une phrase, s'il te plaît."},
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("chat", CHATS.values(), ids=CHATS.keys())
+def test_the_count_of_a_chat_request_is_its_usage_prompt_tokens(gateway: Gateway, chat: dict) -> None:
+    status, _unused, body = request(
+        gateway.port, "POST", f"/{MODEL_NAME}/extras/tokenize/count", headers=bearer(KEY_A), body=chat
+    )
+    assert status == 200, body
+    count = json.loads(body)["count"]
+    status, _unused, body = request(
+        gateway.port,
+        "POST",
+        f"/{MODEL_NAME}/v1/chat/completions",
+        headers=bearer(KEY_A),
+        body={**chat, "max_tokens": 1, "temperature": 0},
+    )
+    assert status == 200, body
+    assert count == json.loads(body)["usage"]["prompt_tokens"]
+
+
+def test_tokens_go_there_and_back(gateway: Gateway) -> None:
+    text = "Tokens, please: one two three. Naïve café ✓"
+    status, _unused, body = request(
+        gateway.port, "POST", f"/{MODEL_NAME}/extras/tokenize", headers=bearer(KEY_A), body={"input": text}
+    )
+    assert status == 200, body
+    tokens = json.loads(body)["tokens"]
+    assert tokens and all(isinstance(token, int) for token in tokens)
+    status, _unused, body = request(
+        gateway.port, "POST", f"/{MODEL_NAME}/extras/detokenize", headers=bearer(KEY_A), body={"tokens": tokens}
+    )
+    assert status == 200, body
+    assert json.loads(body)["text"].strip() == text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/extras/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/extras/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/extras/tokenize", {"input": 42}, "input"),
+        ("/extras/tokenize/count", {"input": ["a"]}, "input"),
+    ],
+)
+def test_a_bad_tokenizer_request_is_a_400_naming_the_field(gateway: Gateway, path: str, body: dict, param: str) -> None:
+    status, _unused, answer = request(gateway.port, "POST", f"/{MODEL_NAME}{path}", headers=bearer(KEY_A), body=body)
+    assert 400 <= status < 500, answer
+    error = json.loads(answer)["error"]
+    assert param in json.dumps(error), error
+    assert gateway.alive()[0] == 200, "the backend is still serving"
+
+
+def test_metrics_on_their_own_port_without_a_key(gateway: Gateway) -> None:
+    """The backend's Prometheus metrics (llama-server's names) on the metrics port; nothing else there, and the
+    API port does not serve them."""
+    status, headers, body = request(gateway.metrics_port, "GET", "/metrics")
+    assert status == 200, body
+    assert headers.get("content-type", "").startswith("text/plain"), headers
+    text = body.decode()
+    for name in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "llamacpp:requests_processing"):
+        assert f"\n{name} " in f"\n{text}", f"{name} in {text[:500]}"
+    assert request(gateway.metrics_port, "GET", f"/{MODEL_NAME}/v1/models", headers=bearer(KEY_A))[0] == 404
+    assert request(gateway.port, "GET", "/metrics", headers=bearer(KEY_A))[0] == 404
+
+
 def test_chat_stream_arrives_as_server_sent_events(gateway: Gateway) -> None:
     chunks, done = stream(
         gateway.port,
@@ -294,6 +401,42 @@ def test_chat_stream_arrives_as_server_sent_events(gateway: Gateway) -> None:
     assert done
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+USAGE_ROUTES = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me about the sea."}]}),
+    "completion": ("/v1/completions", {"prompt": "The sea is"}),
+}
+
+
+@pytest.mark.parametrize("route", USAGE_ROUTES.values(), ids=USAGE_ROUTES.keys())
+@pytest.mark.parametrize("max_tokens", [1, 12])
+def test_a_stream_asked_for_usage_ends_with_the_usage_of_the_same_request(
+    gateway: Gateway, route: tuple[str, dict], max_tokens: int
+) -> None:
+    """stream_options.include_usage, as the OpenAI API has it and billing gateways use it: one more chunk before
+    [DONE], with no choices and the usage the same request gets without streaming; without it, no usage at all."""
+    path, body = route
+    body = {**body, "max_tokens": max_tokens, "temperature": 0, "seed": 3}
+    status, _unused, answer = request(gateway.port, "POST", f"/{MODEL_NAME}{path}", headers=bearer(KEY_A), body=body)
+    assert status == 200, answer
+    usage = json.loads(answer)["usage"]
+    usage = {key: usage[key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+    chunks, done = stream(
+        gateway.port, f"/{MODEL_NAME}{path}", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert done
+    last = chunks[-1]
+    assert last["choices"] == [], last
+    assert {key: last["usage"][key] for key in usage} == usage
+    assert all(not chunk.get("usage") for chunk in chunks[:-1]), "usage only in the last chunk"
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+    chunks, done = stream(gateway.port, f"/{MODEL_NAME}{path}", {**body, "stream": True})
+    assert done
+    assert all(not chunk.get("usage") for chunk in chunks), "no usage unless asked"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 CONCURRENT = 8
@@ -563,13 +706,15 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
     print(f"{len(answers)} readiness answers during a 300-token stream, slowest {slowest * 1e3:.0f} ms")
 
 
-def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: Path, kind: str) -> None:
+    need_backend(kind)
     port = free_port()
-    gw = Gateway(tmp_path / "gw", upstream_port=port, listen_port=free_port())
+    gw = Gateway(tmp_path / "gw", upstream_port=port, listen_port=free_port(), gateway_backend=kind)
     write_keys(gw.keys_file, [KEY_A])
     gw.render(run_playbook)
     gw.start()
-    backend = Backend(demo_model, port, tmp_path / "backend.log")
+    backend = Backend(demo_model, port, tmp_path / "backend.log", kind=kind)
     try:
         status, body = gw.alive()
         assert (status, body["status"]) == (503, "loading"), body
@@ -599,7 +744,9 @@ def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: 
 def test_readiness_stays_503_for_a_model_the_backend_does_not_serve(
     nginx: None, backend: Backend, tmp_path: Path
 ) -> None:
-    gw = Gateway(tmp_path, upstream_port=backend.port, listen_port=free_port(), model="othermodel")
+    gw = Gateway(
+        tmp_path, upstream_port=backend.port, listen_port=free_port(), model="othermodel", gateway_backend=backend.kind
+    )
     write_keys(gw.keys_file, [KEY_A])
     gw.render(run_playbook)
     gw.start()

@@ -162,25 +162,47 @@ def test_build_ca_bundle_is_not_in_the_runtime_image(built_image: str) -> None:
 # ---- the running server
 
 
-@pytest.fixture(scope="module")
-def running(built_image: str, demo_model: Path) -> Iterator[tuple[str, str]]:
-    """(base URL, container name) of the image serving the demo model."""
+# How the chart starts each backend of the image (deployment.yaml): the entrypoint and its environment.
+BACKEND_RUN = {
+    "llama-cpp-python": [
+        "-e", f"MODEL=/models/{DEMO_MODEL_FILE}", "-e", f"MODEL_ALIAS={ALIAS}", "-e", "N_THREADS=2",
+    ],
+    "llama-server": [
+        "--entrypoint", "llama-server",
+        "-e", f"LLAMA_ARG_MODEL=/models/{DEMO_MODEL_FILE}", "-e", f"LLAMA_ARG_ALIAS={ALIAS}",
+        "-e", "LLAMA_ARG_THREADS=2", "-e", "LLAMA_ARG_N_PARALLEL=4", "-e", "LLAMA_ARG_CTX_SIZE=8192",
+        "-e", "LLAMA_ARG_KV_UNIFIED=false", "-e", "LLAMA_ARG_HOST=0.0.0.0", "-e", "LLAMA_ARG_PORT=8000",
+        "-e", "LLAMA_ARG_ENDPOINT_METRICS=true", "-e", "LLAMA_ARG_UI=false",
+    ],
+}  # fmt: skip
+# The tokenizer routes and the lock-free probe are llama-cpp-python's own; for llama-server the gateway answers the
+# same routes (tests/integration/test_gateway.py runs those against both).
+LLAMA_CPP_PYTHON_ONLY = pytest.mark.parametrize("running", ["llama-cpp-python"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=list(BACKEND_RUN))
+def running(built_image: str, demo_model: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(base URL, container name) of the image serving the demo model with one of its backends."""
     port = free_port()
     name = f"llmpods-test-inference-{uuid.uuid4().hex[:8]}"
     docker(
         "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
         "-v", f"{demo_model.parent}:/models:ro",
-        "-e", f"MODEL=/models/{DEMO_MODEL_FILE}", "-e", f"MODEL_ALIAS={ALIAS}", "-e", "N_THREADS=2",
+        *BACKEND_RUN[request.param],
         built_image,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    # llama-server lists the model before it is loaded; its /health waits for the load.
+    ready_path = "/health" if request.param == "llama-server" else "/v1/models"
     try:
         deadline = time.monotonic() + 120
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                response = requests.get(f"{url}/v1/models", timeout=5)
-                if response.ok and any(m["id"] == ALIAS for m in response.json()["data"]):
+                response = requests.get(f"{url}{ready_path}", timeout=5)
+                if response.ok and (
+                    request.param == "llama-server" or any(m["id"] == ALIAS for m in response.json()["data"])
+                ):
                     break
                 last = f"{response.status_code} {response.text[:200]}"
             except requests.ConnectionError as exc:
@@ -251,6 +273,31 @@ def test_models_lists_the_alias(server: str) -> None:
     assert [m["id"] for m in data["data"]] == [ALIAS]
 
 
+def test_metrics_count_the_tokens(server: str) -> None:
+    """Both backends answer /metrics in the Prometheus text format with llama-server's names (llamacpp:...), and a
+    chat completion adds its usage to the token counters."""
+
+    def counters() -> dict[str, float]:
+        response = requests.get(f"{server}/metrics", timeout=10)
+        assert response.status_code == 200, response.text
+        values = {}
+        for line in response.text.splitlines():
+            if line and not line.startswith("#"):
+                name, _unused, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    before = counters()
+    usage = chat(server, CONVERSATIONS[0], max_tokens=8)["usage"]
+    after = counters()
+    assert (
+        after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]
+        == usage["completion_tokens"]
+    )
+    assert after["llamacpp:prompt_tokens_total"] > before["llamacpp:prompt_tokens_total"]
+    assert after["llamacpp:requests_processing"] == 0 and after["llamacpp:requests_deferred"] == 0
+
+
 def test_chat_completion(server: str) -> None:
     answer = chat(server, CONVERSATIONS[0])
     assert answer["choices"][0]["message"]["role"] == "assistant"
@@ -276,6 +323,7 @@ def test_completion(server: str) -> None:
     assert answer["usage"]["completion_tokens"] <= 8
 
 
+@LLAMA_CPP_PYTHON_ONLY
 def test_tokenize_detokenize(server: str) -> None:
     text = "Tokens, please: one two three."
     tokens = requests.post(f"{server}/extras/tokenize", json={"input": text}, timeout=10).json()["tokens"]
@@ -284,6 +332,7 @@ def test_tokenize_detokenize(server: str) -> None:
     assert back.strip() == text
 
 
+@LLAMA_CPP_PYTHON_ONLY
 @pytest.mark.parametrize("text", ["Hello", "How many tokens in this query?", "naïve café — ünïcödé ✓", ""])
 def test_count_of_input_is_tokenize_length(server: str, text: str) -> None:
     tokens = requests.post(f"{server}/extras/tokenize", json={"input": text}, timeout=10).json()["tokens"]
@@ -291,6 +340,7 @@ def test_count_of_input_is_tokenize_length(server: str, text: str) -> None:
     assert count == {"count": len(tokens)}
 
 
+@LLAMA_CPP_PYTHON_ONLY
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["system-user", "multi-turn", "user-assistant-user"])
 def test_count_of_chat_is_usage_prompt_tokens(server: str, messages: list[dict]) -> None:
     request = {"model": ALIAS, "messages": messages, "temperature": 0, "max_tokens": 1}
@@ -309,6 +359,7 @@ def test_concurrent_streams_all_finish(server: str) -> None:
         assert content.startswith(results[0][0][:40])
 
 
+@LLAMA_CPP_PYTHON_ONLY
 def test_health_probe_does_not_interrupt_a_stream(server: str) -> None:
     max_tokens = 96
     started, received = threading.Event(), []

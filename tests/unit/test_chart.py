@@ -317,7 +317,10 @@ def test_gateway_contract() -> None:
         "-g",
         "daemon off;",
     ]
-    assert gateway["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert gateway["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+    ]
     mounts = {m["name"]: m for m in gateway["volumeMounts"]}
     assert mounts["gateway-config"]["mountPath"] == "/etc/llmpods/gateway"
     assert mounts["api-keys"]["mountPath"] == "/etc/llmpods/keys"
@@ -443,6 +446,90 @@ def test_the_vulkan_image_gets_a_gpu(target: str, vendor: str, capabilities: str
     assert inference["resources"]["limits"][f"{vendor}.com/gpu"] == 2
     assert env_of(inference).get("NVIDIA_DRIVER_CAPABILITIES") == capabilities
     assert env_of(inference)["N_GPU_LAYERS"] == "-1"
+
+
+@pytest.mark.parametrize("gpu", ["cpu", "nvidia"])
+def test_the_llama_server_backend_runs_its_slots(gpu: str) -> None:
+    """llama-server gets its settings as LLAMA_ARG_* variables: a context of `model.contextSize` per slot, every
+    layer on the GPU where there is one, metrics on, no web UI; the autoscaler's target is the slots of a replica."""
+    docs = template(values(GPU[gpu], {"inference": {"backend": "llama-server", "parallel": 3}}))
+    validate(docs)
+    inference = containers(docs)["inference"]
+    assert inference["command"] == ["llama-server"]
+    env = env_of(inference)
+    assert env["LLAMA_ARG_MODEL"] == f"/models/{MODEL_FILE}"
+    assert env["LLAMA_ARG_ALIAS"] == BASE["model"]["name"]
+    assert env["LLAMA_ARG_N_PARALLEL"] == "3"
+    assert env["LLAMA_ARG_CTX_SIZE"] == str(3 * int(BASE["model"].get("contextSize", 2048)))
+    assert env["LLAMA_ARG_KV_UNIFIED"] == "false"
+    assert env["LLAMA_ARG_N_GPU_LAYERS"] == ("all" if gpu == "nvidia" else "0")
+    assert (env["LLAMA_ARG_HOST"], env["LLAMA_ARG_PORT"]) == ("127.0.0.1", "8000")
+    assert (env["LLAMA_ARG_ENDPOINT_METRICS"], env["LLAMA_ARG_UI"]) == ("true", "false")
+    assert not {"MODEL", "N_CTX", "N_GPU_LAYERS"} & set(env), "llama-cpp-python's variables are not set"
+    assert one(docs, "InterceptorRoute")["spec"]["scalingMetric"] == {"concurrency": {"targetValue": 3}}
+    pinned = template(
+        values({"inference": {"backend": "llama-server"}, "autoscaling": {"scalingMetric": {"targetValue": 2}}})
+    )
+    assert one(pinned, "InterceptorRoute")["spec"]["scalingMetric"] == {"concurrency": {"targetValue": 2}}
+
+
+def test_the_default_backend_is_llama_cpp_python_one_request_per_replica() -> None:
+    docs = template(values())
+    inference = containers(docs)["inference"]
+    assert "command" not in inference, "the image's entrypoint: python3 -m llmpods_server"
+    assert env_of(inference)["INTERRUPT_REQUESTS"] == "false"
+    assert not any(name.startswith("LLAMA_ARG_") for name in env_of(inference))
+    assert one(docs, "InterceptorRoute")["spec"]["scalingMetric"] == {"concurrency": {"targetValue": 1}}
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    result = helm("template", "t", str(CHART), values=values({"inference": {"backend": "vllm"}}))
+    assert result.returncode != 0
+    assert "backend" in result.stderr, result.stderr
+
+
+def test_metrics_get_a_service_of_their_own_and_optional_monitoring() -> None:
+    """Port 9090 (the gateway's /metrics) is on the pod, never on the release's Service; a metrics Service, a
+    ServiceMonitor and a KEDA prometheus trigger on requests waiting come only when asked for."""
+    plain = template(values())
+    gateway = containers(plain)["gateway"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in gateway["ports"]
+    assert [port["targetPort"] for port in one(plain, "Service")["spec"]["ports"]] == ["http"]
+    assert not [doc for doc in plain if doc["kind"] == "ServiceMonitor"]
+
+    asked = {
+        "autoscaling": {"api": "interceptorroute"},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusTrigger": {"enabled": True, "serverAddress": "http://prom.monitoring:9090", "threshold": 2},
+        },
+    }
+    docs = template(values(asked), namespace="models")
+    validate([doc for doc in docs if doc["kind"] != "ServiceMonitor"])
+    services = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Service"}
+    release = one(docs, "Deployment")["metadata"]["name"]
+    metrics = services[f"{release}-metrics"]
+    assert [(p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [(9090, "metrics")]
+    assert [p["targetPort"] for p in services[release]["spec"]["ports"]] == ["http"]
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(metrics["metadata"]["labels"].items())
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    trigger = one(docs, "ScaledObject")["spec"]["triggers"][1]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prom.monitoring:9090",
+        "query": f'sum(llamacpp:requests_deferred{{namespace="models",service="{release}-metrics"}})',
+        "threshold": "2",
+    }
+    for bad, message in (
+        ({"metrics": {"prometheusTrigger": {"enabled": True}},
+          "autoscaling": {"api": "interceptorroute"}}, "serverAddress"),
+        ({"metrics": {"prometheusTrigger": {"enabled": True, "serverAddress": "http://p:9090"}},
+          "autoscaling": {"api": "httpscaledobject"}}, "interceptorroute"),
+    ):  # fmt: skip
+        result = helm("template", "t", str(CHART), values=values(bad))
+        assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
 def test_what_needs_no_gpu_sees_none() -> None:

@@ -168,11 +168,19 @@ The scaling metric of the add-on's route (spec.scalingMetric of the InterceptorR
 */}}
 {{- define "llm-inference.scalingMetric" -}}
 {{- $metric := .Values.autoscaling.scalingMetric }}
+{{- $target := $metric.targetValue | default (include "llm-inference.slots" .) | int }}
 {{- if eq $metric.type "requestRate" }}
-{{- toYaml (dict "requestRate" (dict "targetValue" $metric.targetValue "window" $metric.window "granularity" $metric.granularity)) }}
+{{- toYaml (dict "requestRate" (dict "targetValue" $target "window" $metric.window "granularity" $metric.granularity)) }}
 {{- else }}
-{{- toYaml (dict "concurrency" (dict "targetValue" $metric.targetValue)) }}
+{{- toYaml (dict "concurrency" (dict "targetValue" $target)) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Requests one replica generates at once: llama-server's slots; llama-cpp-python serves one at a time.
+*/}}
+{{- define "llm-inference.slots" -}}
+{{- if eq .Values.inference.backend "llama-server" }}{{ .Values.inference.parallel | int }}{{ else }}1{{ end }}
 {{- end }}
 
 {{/*
@@ -271,5 +279,13 @@ Checks the schema cannot express.
 {{- end }}
 {{- if and (ne .Values.autoscaling.api "none") (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- with .Values.metrics.prometheusTrigger }}
+{{- if and .enabled (ne $.Values.autoscaling.api "interceptorroute") }}
+{{- fail (printf "metrics.prometheusTrigger goes on the ScaledObject of autoscaling.api interceptorroute, not %s" $.Values.autoscaling.api) }}
+{{- end }}
+{{- if and .enabled (not .serverAddress) }}
+{{- fail "metrics.prometheusTrigger needs metrics.prometheusTrigger.serverAddress, the URL of the Prometheus server KEDA queries" }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -64,7 +64,11 @@ def test_values_follow_the_catalog_entry() -> None:
         },
     }
     assert values["imageRegistry"] == "registry.test:5000"
-    assert values["inference"] == {"target": "cpu", "resources": {"limits": {"memory": "8Gi"}}}
+    assert values["inference"] == {
+        "target": "cpu",
+        "backend": "llama-cpp-python",
+        "resources": {"limits": {"memory": "8Gi"}},
+    }
     assert values["gpu"] == {"vendor": "none", "count": 1, "supplementalGroups": []}
     assert values["autoscaling"] == {"hosts": ["llm.test"], "minReplicas": 1, "maxReplicas": 3, "scaledownPeriod": 60}
     assert values["nodeSelector"] == {"gpu": "yes"}
@@ -153,6 +157,8 @@ def test_without_keys_the_secret_is_only_named() -> None:
         ({"source": "nfs"}, [KEY], "field source must be one of download, hostPath, persistentVolumeClaim"),
         ({"context_size": "big"}, [KEY], "field context_size must be a whole number, got 'big'"),
         ({"gpu_vendor": "intel"}, [KEY], "field gpu_vendor must be one of none, nvidia, amd, got 'intel'"),
+        ({"backend": "vllm"}, [KEY], "field backend must be one of llama-cpp-python, llama-server, got 'vllm'"),
+        ({"parallel": "many"}, [KEY], "field parallel must be a whole number, got 'many'"),
         ({}, [], "there is no API key"),
         ({}, KEY, "keys must be a list of keys"),
         ({}, ["short"], "API key(s) at position 0 must be 16 to 200 of A-Z"),
@@ -229,6 +235,20 @@ def test_a_gpu_model_gets_the_same_gpu_on_both_targets(tmp_path: Path, target: s
     assert pods["local"]["gpu"] == pods["kubernetes"]["gpu"] == 1, pods
     assert pods["local"]["N_GPU_LAYERS"] == pods["kubernetes"]["N_GPU_LAYERS"] == "-1", pods
     assert target in pods["local"]["image"] and target in pods["kubernetes"]["image"], pods
+
+
+@pytest.mark.parametrize("deploy_target", ["local", "kubernetes"])
+def test_the_backend_comes_from_the_entry_else_llmpods_backend(tmp_path: Path, deploy_target: str) -> None:
+    """A catalog entry's backend wins; an entry without one gets llmpods_backend; parallel reaches the chart."""
+    entry = {"name": "smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "target": "cpu"}
+    entry["url"], entry["sha256"] = "https://models.example.test/SmolLM2-135M-Instruct.Q4_1.gguf", SHA256
+    default = released(tmp_path, deploy_target, entry)["values"]["inference"]
+    assert default["backend"] == "llama-cpp-python" and "parallel" not in default
+    chosen = released(tmp_path, deploy_target, entry, llmpods_backend="llama-server")["values"]["inference"]
+    assert chosen["backend"] == "llama-server"
+    own = {**entry, "backend": "llama-cpp-python", "parallel": 2}
+    pinned = released(tmp_path, deploy_target, own, llmpods_backend="llama-server")["values"]["inference"]
+    assert (pinned["backend"], pinned["parallel"]) == ("llama-cpp-python", 2)
 
 
 @pytest.mark.parametrize("deploy_target", ["local", "kubernetes"])
