@@ -10,7 +10,9 @@ with these changes:
 - ``/extras/detokenize`` refuses token ids the model does not have (llama.cpp would abort on them);
 - ``/extras/tokenize/count`` takes either ``{"input": "..."}`` (the length of ``/extras/tokenize``) or a whole
   chat completion request, whose count is the ``usage.prompt_tokens`` the same request gets from
-  ``/v1/chat/completions``.
+  ``/v1/chat/completions``;
+- a streamed ``/v1/completions`` or ``/v1/chat/completions`` with ``stream_options: {"include_usage": true}``
+  ends with a usage chunk, as OpenAI and llama-server send it (``generate``, ``usage``).
 """
 
 from __future__ import annotations
