@@ -12,7 +12,7 @@ last chunk, an error, the client leaving), so a broken stream never leaves the m
 ``stream_options: {"include_usage": true}`` (which llama-cpp-python ignores) adds, after the last chunk and before
 ``[DONE]``, the chunk OpenAI specifies: the stream's id, object, created and model, ``"choices": []`` and the
 ``usage`` the same request gets without ``stream`` (counted by ``usage.TokenMeter``). Without it the chunks are
-llama-cpp-python's own.
+llama-cpp-python's own. Every generation also feeds the token counters and gauges of ``/metrics``.
 
 Also here: ``guard_grammars``. A grammar llama.cpp cannot parse (a ``grammar`` field, or one made from a
 ``response_format`` schema) crashes the whole server when it is put into the sampler; guarded, it is a 400.
@@ -38,6 +38,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from llmpods_server import metrics as server_metrics
 from llmpods_server.count import completion_prompt_tokens
 from llmpods_server.errors import RequestError, exception_error, log_failure
 from llmpods_server.usage import TokenMeter, stream_usage_requested, usage_chunk
@@ -119,32 +120,48 @@ def _check_request(llama: llama_cpp.Llama, body: Any, kwargs: dict) -> None:
             raise RequestError(f"{message} with a finite bias.", param="logit_bias", code="invalid_value")
 
 
+class _Generation(contextlib.ExitStack):
+    """What runs while a request has the model: its token meter and the ``requests_processing`` gauge."""
+
+    def __init__(self, llama: llama_cpp.Llama, metrics: server_metrics.Metrics | None) -> None:
+        super().__init__()
+        self.meter = self.enter_context(TokenMeter(llama, metrics))
+        if metrics is not None:
+            self.enter_context(metrics.requests_processing.track_inprogress())
+
+
 async def _generate(
     request: Request, body: Any, model: str | None, call: Any, kwargs: dict, include_usage: bool = False
 ) -> Any:
     proxy = contextlib.asynccontextmanager(llama_app.get_llama_proxy)
+    metrics = server_metrics.of(request)
     if not kwargs.get("stream", False):
         async with proxy() as llama_proxy:
             llama = llama_app.prepare_request_resources(body, llama_proxy, model, kwargs)
             _check_request(llama, body, kwargs)
             if await request.is_disconnected():
                 raise HTTPException(status_code=status.HTTP_400_BAD_REQUEST, detail="Client closed request")
-            with TokenMeter(llama):
-                return await run_in_threadpool(call, llama, **kwargs)
+            with _Generation(llama, metrics):
+                answer = await run_in_threadpool(call, llama, **kwargs)
+            if metrics is not None:
+                metrics.first_token(request)
+            return answer
 
     lock = contextlib.AsyncExitStack()
     llama_proxy = await lock.enter_async_context(proxy())
     try:
         llama = llama_app.prepare_request_resources(body, llama_proxy, model, kwargs)
         _check_request(llama, body, kwargs)
-        meter = lock.enter_context(TokenMeter(llama))  # left before the lock is released
+        generation = lock.enter_context(_Generation(llama, metrics))  # left before the lock is released
         chunks = await run_in_threadpool(call, llama, **kwargs)
         first = await run_in_threadpool(next, chunks, None)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await lock.aclose()
         raise
-    usage = meter.usage if include_usage else None
+    if metrics is not None and first is not None:
+        metrics.first_token(request)
+    usage = generation.meter.usage if include_usage else None
     return ModelStream(_events(request, first, chunks, await request.body(), usage), chunks, lock)
 
 
