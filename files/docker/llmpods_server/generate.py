@@ -9,6 +9,11 @@ OpenAI SDKs raise it), and ``data: [DONE]``.
 The model lock is taken before the first chunk and released when the response is over, whatever ended it (the
 last chunk, an error, the client leaving), so a broken stream never leaves the model locked.
 
+``stream_options: {"include_usage": true}`` (which llama-cpp-python ignores) adds, after the last chunk and before
+``[DONE]``, the chunk OpenAI specifies: the stream's id, object, created and model, ``"choices": []`` and the
+``usage`` the same request gets without ``stream`` (counted by ``usage.TokenMeter``). Without it the chunks are
+llama-cpp-python's own. Every generation also feeds the token counters and gauges of ``/metrics``.
+
 Also here: ``guard_grammars``. A grammar llama.cpp cannot parse (a ``grammar`` field, or one made from a
 ``response_format`` schema) crashes the whole server when it is put into the sampler; guarded, it is a 400.
 """
@@ -19,7 +24,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -33,8 +38,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from llmpods_server import metrics as server_metrics
 from llmpods_server.count import completion_prompt_tokens
 from llmpods_server.errors import RequestError, exception_error, log_failure
+from llmpods_server.usage import TokenMeter, stream_usage_requested, usage_chunk
 
 # Request fields each route leaves out before calling the model, as llama-cpp-python's routes do.
 COMPLETION_EXCLUDE = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
@@ -61,18 +68,29 @@ class ModelStream(EventSourceResponse):
                 await self._lock.aclose()
 
 
-async def _events(request: Request, first: Any, chunks: Iterator[Any], raw_body: bytes) -> AsyncIterator[dict]:
+async def _events(
+    request: Request,
+    first: Any,
+    chunks: Iterator[Any],
+    raw_body: bytes,
+    usage: Callable[[], dict[str, int]] | None = None,
+) -> AsyncIterator[dict]:
+    """The chunks as events; with ``usage``, a usage chunk after the last one (not after an error)."""
     server_settings = next(llama_app.get_server_settings(), None)
     interrupt = bool(server_settings and server_settings.interrupt_requests)
     try:
         if first is not None:
+            last = first
             yield {"data": json.dumps(first)}
             async for chunk in iterate_in_threadpool(chunks):
+                last = chunk
                 yield {"data": json.dumps(chunk)}
                 if await request.is_disconnected():
                     return
                 if interrupt and llama_app.llama_outer_lock.locked():
                     break  # INTERRUPT_REQUESTS=true: another request is waiting
+            if usage is not None:
+                yield {"data": json.dumps(usage_chunk(last, usage()))}
     except Exception as exc:  # after the first chunk, an error event is all that can be sent
         status_code, error = exception_error(exc, raw_body)
         if status_code >= 500:
@@ -102,42 +120,65 @@ def _check_request(llama: llama_cpp.Llama, body: Any, kwargs: dict) -> None:
             raise RequestError(f"{message} with a finite bias.", param="logit_bias", code="invalid_value")
 
 
-async def _generate(request: Request, body: Any, model: str | None, call: Any, kwargs: dict) -> Any:
+class _Generation(contextlib.ExitStack):
+    """What runs while a request has the model: its token meter and the ``requests_processing`` gauge."""
+
+    def __init__(self, llama: llama_cpp.Llama, metrics: server_metrics.Metrics | None) -> None:
+        super().__init__()
+        self.meter = self.enter_context(TokenMeter(llama, metrics))
+        if metrics is not None:
+            self.enter_context(metrics.requests_processing.track_inprogress())
+
+
+async def _generate(
+    request: Request, body: Any, model: str | None, call: Any, kwargs: dict, include_usage: bool = False
+) -> Any:
     proxy = contextlib.asynccontextmanager(llama_app.get_llama_proxy)
+    metrics = server_metrics.of(request)
     if not kwargs.get("stream", False):
         async with proxy() as llama_proxy:
             llama = llama_app.prepare_request_resources(body, llama_proxy, model, kwargs)
             _check_request(llama, body, kwargs)
             if await request.is_disconnected():
                 raise HTTPException(status_code=status.HTTP_400_BAD_REQUEST, detail="Client closed request")
-            return await run_in_threadpool(call, llama, **kwargs)
+            with _Generation(llama, metrics):
+                answer = await run_in_threadpool(call, llama, **kwargs)
+            if metrics is not None:
+                metrics.first_token(request)
+            return answer
 
     lock = contextlib.AsyncExitStack()
     llama_proxy = await lock.enter_async_context(proxy())
     try:
         llama = llama_app.prepare_request_resources(body, llama_proxy, model, kwargs)
         _check_request(llama, body, kwargs)
+        generation = lock.enter_context(_Generation(llama, metrics))  # left before the lock is released
         chunks = await run_in_threadpool(call, llama, **kwargs)
         first = await run_in_threadpool(next, chunks, None)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await lock.aclose()
         raise
-    return ModelStream(_events(request, first, chunks, await request.body()), chunks, lock)
+    if metrics is not None and first is not None:
+        metrics.first_token(request)
+    usage = generation.meter.usage if include_usage else None
+    return ModelStream(_events(request, first, chunks, await request.body(), usage), chunks, lock)
 
 
 async def create_completion(request: Request, body: CreateCompletionRequest) -> Any:
+    include_usage = stream_usage_requested(await request.body(), body.stream)
     if isinstance(body.prompt, list):
         if len(body.prompt) > 1:
             raise RequestError("prompt: send one prompt per request.", param="prompt", code="invalid_value")
         body.prompt = body.prompt[0] if body.prompt else ""
     kwargs = body.model_dump(exclude=COMPLETION_EXCLUDE)
-    return await _generate(request, body, body.model, llama_cpp.Llama.__call__, kwargs)
+    return await _generate(request, body, body.model, llama_cpp.Llama.__call__, kwargs, include_usage)
 
 
 async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
+    include_usage = stream_usage_requested(await request.body(), body.stream)
     kwargs = body.model_dump(exclude=CHAT_EXCLUDE)
-    return await _generate(request, body, body.model, llama_cpp.Llama.create_chat_completion, kwargs)
+    return await _generate(request, body, body.model, llama_cpp.Llama.create_chat_completion, kwargs, include_usage)
 
 
 def _add_checked_grammar(self: Any, model: Any, grammar: Any) -> None:

@@ -10,7 +10,17 @@ with these changes:
 - ``/extras/detokenize`` refuses token ids the model does not have (llama.cpp would abort on them);
 - ``/extras/tokenize/count`` takes either ``{"input": "..."}`` (the length of ``/extras/tokenize``) or a whole
   chat completion request, whose count is the ``usage.prompt_tokens`` the same request gets from
-  ``/v1/chat/completions``.
+  ``/v1/chat/completions``;
+- a streamed ``/v1/completions`` or ``/v1/chat/completions`` with ``stream_options: {"include_usage": true}``
+  ends with a usage chunk, as OpenAI and llama-server send it (``generate``, ``usage``).
+
+Added: ``GET /metrics``, Prometheus metrics answered without the model lock, so they answer during a generation
+(``metrics``):
+
+- ``llamacpp:prompt_tokens_total``, ``llamacpp:prompt_tokens_cached_total``, ``llamacpp:tokens_predicted_total``,
+  ``llamacpp:requests_processing`` and ``llamacpp:requests_deferred``, with llama-server's names and meanings;
+- ``llmpods_requests_total{route,status}``, ``llmpods_request_duration_seconds{route}`` (the model routes) and
+  ``llmpods_time_to_first_token_seconds`` (completions and chat completions).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from llama_cpp.server.types import (
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from llmpods_server import errors, generate
+from llmpods_server import errors, generate, metrics
 from llmpods_server.count import chat_prompt_tokens
 from llmpods_server.errors import RequestError
 
@@ -163,6 +173,7 @@ def build_app(server_settings: ServerSettings, model_settings: list[ModelSetting
     app = create_app(server_settings=server_settings, model_settings=model_settings)
     app.include_router(build_router(_upstream_routes))
     errors.install(app)
+    metrics.install(app)  # last: its middleware sees every answer, the 500s of errors.CloseOnError too
     return app
 
 
