@@ -391,9 +391,14 @@ def test_undeploy_leaves_no_container(deployed):
 # --------------------------------------------------------------------------------------------- the make targets
 
 
-def make(target: str) -> subprocess.CompletedProcess[str]:
+def make(target: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["make", "--no-print-directory", target], cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False
+        ["make", "--no-print-directory", target, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
     )
 
 
@@ -441,4 +446,55 @@ def test_make_deploy_twice_then_make_undeploy(docker_engine, demo_model, cpu_ima
     assert_key_not_shown(read_key(), arguments)
     gone = make("undeploy")
     assert gone.returncode == 0, gone.stdout[-3000:] + gone.stderr[-2000:]
+    assert pod_containers() == []
+
+
+def test_make_deploy_with_the_llama_server_backend(docker_engine, demo_model, cpu_image):
+    """`make deploy ARGS='-e llmpods_backend=llama-server'`: the same demo model from llama.cpp's own server, with the
+    same answers to the same clients (the OpenAI SDK, a stream asked for usage, the chat token count)."""
+    need((VENV_BIN / "helm").exists(), "helm in the virtual environment (make helm)")
+    args = "ARGS=-e llmpods_backend=llama-server"
+    first = make("deploy", args)
+    try:
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+        inference = json.loads(
+            subprocess.run(["docker", "inspect", f"{POD}-inference"], capture_output=True, check=True).stdout
+        )[0]
+        assert inference["Path"] == "llama-server", "the pod runs llama-server"
+        second = make("deploy", args)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+        assert recap_changed(second.stdout) == 0
+
+        from openai import OpenAI
+
+        summary = json.loads((STATE / "deploy.json").read_text())
+        client = OpenAI(base_url=summary["base_url"], api_key=read_key())
+        assert MODEL in [m.id for m in client.models.list()]
+        messages = [{"role": "user", "content": "Say hello."}]
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content.strip()
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.prompt_tokens == answer.usage.prompt_tokens
+        assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+        count = requests.post(
+            f"{summary['base_url'].removesuffix('/v1')}/extras/tokenize/count",
+            headers={"Authorization": f"Bearer {read_key()}"},
+            json={"messages": messages},
+            timeout=60,
+        )
+        assert count.status_code == 200, count.text
+        assert count.json()["count"] == answer.usage.prompt_tokens
+    finally:
+        gone = make("undeploy", args)
+        assert gone.returncode == 0, gone.stdout[-3000:] + gone.stderr[-2000:]
     assert pod_containers() == []

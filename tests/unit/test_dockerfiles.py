@@ -238,6 +238,28 @@ def test_hadolint_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_llama_server_is_built_from_the_same_pin_and_flags(dockerfile: Dockerfile) -> None:
+    """The second backend comes from the llama.cpp source inside the pinned llama-cpp-python sdist, through the one
+    shared script, with the stage's CMAKE_ARGS (in the environment), into the venv the runtime stage copies."""
+    build = dockerfile.stages[0]
+    assert "build-llama-server.sh /usr/local/bin/" in build.all("COPY")
+    runs = [r for r in build.all("RUN") if "build-llama-server.sh" in r]
+    assert len(runs) == 1 and runs[0].endswith('build-llama-server.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods/bin')
+    script = (DOCKER_DIR / "build-llama-server.sh").read_text()
+    assert '--no-binary=llama-cpp-python --dest "${work}/sdist" "llama-cpp-python==${version}"' in script
+    assert "${CMAKE_ARGS:-}" in script and "vendor/llama.cpp" in script
+    assert "-DLLAMA_USE_PREBUILT_UI=OFF" in script, "nothing fetched from outside the package index at build time"
+
+
+def test_prometheus_client_is_the_tests_pin(dockerfile: Dockerfile) -> None:
+    pins = dict(
+        line.split("==", 1) for line in (ROOT / "requirements-dev.txt").read_text().splitlines() if "==" in line
+    )
+    assert dockerfile.global_args.get("PROMETHEUS_CLIENT_VERSION") == pins["prometheus-client"]
+    runs = " ".join(dockerfile.stages[0].all("RUN"))
+    assert 'pip install "prometheus-client==${PROMETHEUS_CLIENT_VERSION}"' in runs
+
+
 STRIP_SCRIPT = DOCKER_DIR / "strip-venv.sh"
 
 
