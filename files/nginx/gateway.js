@@ -406,7 +406,8 @@ async function tokenize(r, text) {
 }
 
 async function vocabularySize(r) {
-    const reply = await r.subrequest('/_llmpods/models');
+    // Not /_llmpods/models: that location forwards no body but would pass on this request's Content-Length.
+    const reply = await r.subrequest(`${BACKEND}/v1/models`, { method: 'GET' });
     const data = JSON.parse(reply.responseText).data || [];
     for (let i = 0; i < data.length; i++) {
         if (data[i].id === r.variables.llmpods_model && data[i].meta && data[i].meta.n_vocab) {
@@ -446,8 +447,10 @@ async function extrasAnswer(r, route, body) {
 
 async function extras(r) {
     const route = r.variables.llmpods_route;
+    let answer;
+    // njs 0.7 crashes on an await inside a call's arguments within try: the answer is awaited on its own.
     try {
-        sendJson(r, 200, await extrasAnswer(r, route, requestJson(r)));
+        answer = await extrasAnswer(r, route, requestJson(r));
     } catch (e) {
         if (e.request) {
             const error = apiError(e.message, 'invalid_request_error', 'invalid_value');
@@ -462,7 +465,9 @@ async function extras(r) {
             sendJson(r, 502, apiError(`The inference backend for model ${r.variables.llmpods_model} is not answering.`,
                 'server_error', 'backend_unavailable'));
         }
+        return;
     }
+    sendJson(r, 200, answer);
 }
 
 export default { keyOk, alive, badRequest, extras };
