@@ -428,12 +428,17 @@ def test_a_stream_asked_for_usage_ends_with_the_usage_of_the_same_request(
     )
     assert done
     last = chunks[-1]
-    assert last["choices"] == [], last
+    assert last.get("usage"), f"the last chunk carries the usage: {last}"
     assert {key: last["usage"][key] for key in usage} == usage
-    assert all(chunk["choices"] for chunk in chunks[:-1]), "one usage chunk, the last"
-    # llama-server also puts usage in the last chunk of a completion; where a chunk carries it, it is the same.
+    assert all(chunk["choices"] for chunk in chunks[:-1]), "no usage-only chunk before the last"
+    if last["choices"]:
+        # llama-server's text completions put the usage into the chunk that finishes (its chat completions send a
+        # chunk of their own, as OpenAI and llama-cpp-python do).
+        assert (gateway.vars["gateway_backend"], path) == ("llama-server", "/v1/completions"), last
+        assert last["choices"][0]["finish_reason"] in ("stop", "length")
+    else:
+        assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all({key: chunk["usage"][key] for key in usage} == usage for chunk in chunks if chunk.get("usage"))
-    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
     chunks, done = stream(gateway.port, f"/{MODEL_NAME}{path}", {**body, "stream": True})
     assert done
@@ -493,8 +498,16 @@ def test_concurrent_streams_through_the_gateway_are_complete_and_unchanged(gatew
     assert set(together) == set(alone)
     # All 8 were in flight at once: the last to start started before the first to end ended.
     assert max(a["started"] for a in together.values()) < min(a["ended"] for a in together.values())
+    # llama-cpp-python generates one request at a time: the same request gives the same text. llama-server decodes the
+    # streams in one batch, whose size changes the float sums, so a near-tie late in an answer can go the other way:
+    # there the text must agree from the start, and a stream must still be whole.
+    batched = gateway.vars["gateway_backend"] == "llama-server"
     for topic, answer in together.items():
         assert answer["done"], f"{topic}: no [DONE], the stream was cut"
+        if batched:
+            assert answer["finish_reason"] in ("stop", "length"), (topic, answer)
+            assert answer["text"][:40] == alone[topic]["text"][:40], (topic, answer["text"], alone[topic]["text"])
+            continue
         assert answer["finish_reason"] == alone[topic]["finish_reason"], (topic, answer, alone[topic])
         assert answer["text"] == alone[topic]["text"], (topic, answer["text"], alone[topic]["text"])
     took = max(a["ended"] for a in together.values()) - min(a["started"] for a in together.values())
