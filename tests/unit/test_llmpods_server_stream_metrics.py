@@ -322,7 +322,7 @@ def test_metrics_answer_while_a_generation_holds_the_model(client: TestClient) -
         generation.start()
         assert started.wait(WAIT), "the stream never started"
         waiting.start()
-        for _ in range(100):  # until the models request is queued behind the generation
+        for _unused in range(100):  # until the models request is queued behind the generation
             scraper = threading.Thread(target=scrape, daemon=True)
             scraper.start()
             scraper.join(30)
