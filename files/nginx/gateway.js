@@ -441,7 +441,22 @@ async function extrasAnswer(r, route, body) {
     if (!Array.isArray(body.messages) || body.messages.length === 0) {
         throw requestError('messages: must be a non-empty list of chat messages.', 'messages');
     }
-    const prompt = (await backendJson(r, '/apply-template', body)).prompt;
+    for (let i = 0; i < body.messages.length; i++) {
+        const message = body.messages[i];
+        if (message === null || typeof message !== 'object' || typeof message.role !== 'string') {
+            throw requestError(`messages[${i}]: must be a message with a role.`, 'messages');
+        }
+    }
+    let prompt;
+    try {
+        prompt = (await backendJson(r, '/apply-template', body)).prompt;
+    } catch (e) {
+        if (e.status >= 500 && e.status < 600) {
+            // The template failed on what the request holds (llama-server answers that with a 500).
+            throw requestError("messages: the model's chat template cannot format these messages.", 'messages');
+        }
+        throw e;
+    }
     return { count: (await tokenize(r, prompt)).length };
 }
 
@@ -470,4 +485,50 @@ async function extras(r) {
     sendJson(r, 200, answer);
 }
 
-export default { keyOk, alive, badRequest, extras };
+// llama-server's refusals, {"error": {"code": 400, "message": "...", "type": "..."}}, in the OpenAI shape that every
+// answer of this gateway has: {"error": {"message", "type", "param", "code"}}, with the type one of
+// invalid_request_error and server_error and the code a word. nginx.conf runs these on the llama-server backend's
+// answers (js_header_filter, js_body_filter): only a 4xx answer is rewritten, everything else passes untouched.
+const LLAMA_SERVER_CODES = {
+    authentication_error: 'invalid_api_key',
+    exceed_context_size_error: 'context_length_exceeded',
+    not_supported_error: 'not_supported',
+    permission_error: 'permission_denied',
+};
+let errorText = '';
+
+function refused(r) {
+    return r.status >= 400 && r.status < 500;
+}
+
+function errorHeaders(r) {
+    if (refused(r)) {
+        delete r.headersOut['Content-Length'];
+        r.headersOut['Content-Type'] = 'application/json';
+    }
+}
+
+function openaiError(text, status) {
+    let error = {};
+    try {
+        error = JSON.parse(text).error || {};
+    } catch (e) {
+        error = {};
+    }
+    const message = typeof error.message === 'string' && error.message ? error.message : `Request refused (${status}).`;
+    const code = LLAMA_SERVER_CODES[error.type] || (status === 400 ? 'invalid_value' : `http_${status}`);
+    return JSON.stringify(apiError(message, 'invalid_request_error', code)) + '\n';
+}
+
+function errorBody(r, data, flags) {
+    if (!refused(r)) {
+        r.sendBuffer(data, flags);
+        return;
+    }
+    errorText += data;
+    if (flags.last) {
+        r.sendBuffer(openaiError(errorText, r.status), flags);
+    }
+}
+
+export default { keyOk, alive, badRequest, extras, errorHeaders, errorBody };

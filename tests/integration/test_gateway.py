@@ -24,6 +24,7 @@ from helpers.gateway import (
     Gateway,
     Recorder,
     bearer,
+    error_of,
     nginx_ok,
     request,
     wait_for,
@@ -365,6 +366,7 @@ def test_tokens_go_there_and_back(gateway: Gateway) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
+        ("/extras/tokenize/count", {"messages": [{"content": "Hi"}]}, "messages"),
         ("/extras/detokenize", {"tokens": [10**9]}, "tokens"),
         ("/extras/detokenize", {"tokens": [-1]}, "tokens"),
         ("/extras/tokenize", {"input": 42}, "input"),
@@ -376,6 +378,23 @@ def test_a_bad_tokenizer_request_is_a_400_naming_the_field(gateway: Gateway, pat
     assert 400 <= status < 500, answer
     error = json.loads(answer)["error"]
     assert param in json.dumps(error), error
+    assert gateway.alive()[0] == 200, "the backend is still serving"
+
+
+REFUSED = {
+    "stream not a boolean": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": {}}),
+    "prompt not a string": ("/v1/completions", {"prompt": {"a": 1}, "max_tokens": 2}),
+}
+
+
+@pytest.mark.parametrize(("path", "body"), REFUSED.values(), ids=REFUSED.keys())
+def test_a_request_the_backend_refuses_gets_an_openai_error(gateway: Gateway, path: str, body: dict) -> None:
+    """Whichever backend refuses it, the client reads an OpenAI error: message, type, param and code."""
+    status, headers, answer = request(gateway.port, "POST", f"/{MODEL_NAME}{path}", headers=bearer(KEY_A), body=body)
+    assert 400 <= status < 500, answer
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    error = error_of(answer)
+    assert error["type"] == "invalid_request_error" and isinstance(error["code"], str), error
     assert gateway.alive()[0] == 200, "the backend is still serving"
 
 
