@@ -141,14 +141,13 @@ def main() -> None:
     try:
         for kind in BACKENDS:
             log = work / f"{kind}.log"
-            backend = Backend(args.model, free_port(), log, kind=kind, parallel=args.parallel, binary=args.llama_server)
-            cmd, env = backend.command()
             if kind == "llama-server":
-                env.update(LLAMA_ARG_THREADS=str(args.threads), LLAMA_ARG_N_GPU_LAYERS=layers)
+                env = {"LLAMA_ARG_THREADS": str(args.threads), "LLAMA_ARG_N_GPU_LAYERS": layers}
             else:
-                env.update(N_THREADS=str(args.threads), N_GPU_LAYERS=str(args.gpu_layers))
-            backend.command = lambda cmd=cmd, env=env: (cmd, env)  # type: ignore[method-assign]
-            servers[kind] = backend.start()
+                env = {"N_THREADS": str(args.threads), "N_GPU_LAYERS": str(args.gpu_layers)}
+            servers[kind] = Backend(
+                args.model, free_port(), log, kind=kind, parallel=args.parallel, binary=args.llama_server, env=env
+            ).start()
         for kind, backend in servers.items():
             backend.wait_ready()
             if args.no_gateway:

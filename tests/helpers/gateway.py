@@ -171,6 +171,23 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise TimeoutError(f"{what} not met after {timeout} s; last seen: {last!r}")
 
 
+def llama_server_env(model: str, alias: str, host: str, port: int, parallel: int = 4) -> dict[str, str]:
+    """The variables the chart starts llama-server with (deployment.yaml), on the CPU, with 2048 tokens per slot."""
+    return {
+        "LLAMA_ARG_MODEL": model,
+        "LLAMA_ARG_ALIAS": alias,
+        "LLAMA_ARG_N_PARALLEL": str(parallel),
+        "LLAMA_ARG_CTX_SIZE": str(2048 * parallel),
+        "LLAMA_ARG_KV_UNIFIED": "false",
+        "LLAMA_ARG_THREADS": "2",
+        "LLAMA_ARG_N_GPU_LAYERS": "0",
+        "LLAMA_ARG_HOST": host,
+        "LLAMA_ARG_PORT": str(port),
+        "LLAMA_ARG_ENDPOINT_METRICS": "true",
+        "LLAMA_ARG_UI": "false",
+    }
+
+
 class Backend:
     """One of the image's inference servers serving the demo model, as the pod runs it.
 
@@ -188,9 +205,11 @@ class Backend:
         kind: str = "llama-cpp-python",
         parallel: int = 4,
         binary: Path = LLAMA_SERVER,
+        env: dict[str, str] | None = None,
     ):
         self.model, self.port, self.log, self.alias, self.module = model, port, log, alias, module
         self.kind, self.parallel, self.binary = kind, parallel, binary
+        self.extra_env = env or {}  # set last, over the chart's settings (bench: threads, GPU layers)
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -218,25 +237,12 @@ class Backend:
         binary = self.binary
         if not binary.exists():
             raise FileNotFoundError(f"llama-server is missing: {binary} (`make dev` takes it out of the CPU image)")
-        env = dict(os.environ)
-        # The variables the chart sets (deployment.yaml), with 2048 tokens per slot.
-        env.update(
-            LLAMA_ARG_MODEL=str(self.model),
-            LLAMA_ARG_ALIAS=self.alias,
-            LLAMA_ARG_N_PARALLEL=str(self.parallel),
-            LLAMA_ARG_CTX_SIZE=str(2048 * self.parallel),
-            LLAMA_ARG_KV_UNIFIED="false",
-            LLAMA_ARG_THREADS="2",
-            LLAMA_ARG_N_GPU_LAYERS="0",
-            LLAMA_ARG_HOST="127.0.0.1",
-            LLAMA_ARG_PORT=str(self.port),
-            LLAMA_ARG_ENDPOINT_METRICS="true",
-            LLAMA_ARG_UI="false",
-        )
+        env = {**os.environ, **llama_server_env(str(self.model), self.alias, "127.0.0.1", self.port, self.parallel)}
         return [str(binary)], env
 
     def start(self) -> Backend:
         cmd, env = self.command()
+        env.update(self.extra_env)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self

@@ -16,6 +16,7 @@ import pytest
 import requests
 import yaml
 from conftest import CPU_IMAGE, DEMO_MODEL_FILE, LLAMA_CPP_PYTHON_VERSION, free_port, need, run_playbook
+from helpers.gateway import llama_server_env
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -169,10 +170,8 @@ BACKEND_RUN = {
     ],
     "llama-server": [
         "--entrypoint", "llama-server",
-        "-e", f"LLAMA_ARG_MODEL=/models/{DEMO_MODEL_FILE}", "-e", f"LLAMA_ARG_ALIAS={ALIAS}",
-        "-e", "LLAMA_ARG_THREADS=2", "-e", "LLAMA_ARG_N_PARALLEL=4", "-e", "LLAMA_ARG_CTX_SIZE=8192",
-        "-e", "LLAMA_ARG_KV_UNIFIED=false", "-e", "LLAMA_ARG_HOST=0.0.0.0", "-e", "LLAMA_ARG_PORT=8000",
-        "-e", "LLAMA_ARG_ENDPOINT_METRICS=true", "-e", "LLAMA_ARG_UI=false",
+        *(arg for name, value in llama_server_env(
+            f"/models/{DEMO_MODEL_FILE}", ALIAS, "0.0.0.0", 8000).items() for arg in ("-e", f"{name}={value}")),
     ],
 }  # fmt: skip
 # The tokenizer routes and the lock-free probe are llama-cpp-python's own; for llama-server the gateway answers the

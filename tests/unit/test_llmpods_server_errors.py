@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, need_module
+from helpers.sse import data_events
 
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
@@ -48,15 +49,6 @@ def error_of(response) -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
-
-
-def sse(response) -> list:
-    found = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            found.append(payload if payload == "[DONE]" else json.loads(payload))
-    return found
 
 
 def works(client: TestClient) -> None:
@@ -149,7 +141,7 @@ def test_a_stream_failing_after_its_first_token_ends_with_an_error_event_and_don
     caplog.set_level(logging.ERROR)
     with client.stream("POST", "/v1/chat/completions", json={"messages": HI, "max_tokens": 8, "stream": True}) as r:
         assert r.status_code == 200
-        found = sse(r)
+        found = data_events(r.iter_lines())
     monkeypatch.undo()
     assert found[-1] == "[DONE]"
     assert "choices" in found[0]

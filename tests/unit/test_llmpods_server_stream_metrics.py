@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, need_module
+from helpers.sse import data_events
 
 sys.dont_write_bytecode = True  # keep files/docker free of __pycache__
 sys.path.insert(0, str(ROOT / "files" / "docker"))
@@ -54,19 +55,10 @@ def client(demo_model: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def events(response) -> list:
-    found = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            found.append(payload if payload == "[DONE]" else json.loads(payload))
-    return found
-
-
 def stream(client: TestClient, path: str, body: dict) -> list:
     with client.stream("POST", path, json={**body, "stream": True}) as response:
         assert response.status_code == 200, response.read()
-        return events(response)
+        return data_events(response.iter_lines())
 
 
 def text_of(path: str, choice: dict) -> str:
