@@ -367,20 +367,20 @@ async function alive(r) {
 const BACKEND = '/_llmpods/backend';
 
 // An error of the client's request: a 400 naming the field.
-function requestError(message, param) {
+function requestError(message, param, code) {
     const error = new Error(message);
     error.param = param;
+    error.code = code || 'invalid_value';
     error.request = true;
     return error;
 }
 
 function requestJson(r) {
-    let body;
-    try {
-        body = JSON.parse(r.requestText || '');
-    } catch (e) {
-        throw requestError('The request body is not valid JSON.', null);
+    const fault = jsonFault(r);
+    if (fault !== null) {
+        throw requestError(fault, null, 'invalid_json');
     }
+    const body = JSON.parse(r.requestText);
     if (body === null || typeof body !== 'object' || Array.isArray(body)) {
         throw requestError('The request body must be a JSON object.', null);
     }
@@ -468,13 +468,14 @@ async function extras(r) {
         answer = await extrasAnswer(r, route, requestJson(r));
     } catch (e) {
         if (e.request) {
-            const error = apiError(e.message, 'invalid_request_error', 'invalid_value');
+            const error = apiError(e.message, 'invalid_request_error', e.code);
             error.error.param = e.param;
             sendJson(r, 400, error);
         } else if (e.status >= 400 && e.status < 500) {
-            // The backend refused the request (a chat request its template cannot take, say): its own answer.
+            // The backend refused the request (a chat request its template cannot take, say): its own answer, in
+            // the OpenAI error shape.
             r.headersOut['Content-Type'] = 'application/json';
-            r.return(e.status, e.text);
+            r.return(e.status, openaiError(e.text, e.status));
         } else {
             r.error(`llmpods: ${route}: ${e.message}`);
             sendJson(r, 502, apiError(`The inference backend for model ${r.variables.llmpods_model} is not answering.`,
@@ -516,7 +517,10 @@ function openaiError(text, status) {
         error = {};
     }
     const message = typeof error.message === 'string' && error.message ? error.message : `Request refused (${status}).`;
-    const code = LLAMA_SERVER_CODES[error.type] || (status === 400 ? 'invalid_value' : `http_${status}`);
+    let code = LLAMA_SERVER_CODES[error.type] || (status === 400 ? 'invalid_value' : `http_${status}`);
+    if (code === 'invalid_value' && message.indexOf('failed to parse grammar') >= 0) {
+        code = 'invalid_grammar';
+    }
     return JSON.stringify(apiError(message, 'invalid_request_error', code)) + '\n';
 }
 
@@ -531,4 +535,69 @@ function errorBody(r, data, flags) {
     }
 }
 
-export default { keyOk, alive, badRequest, extras, errorHeaders, errorBody };
+// Does the JSON text hold a \u escape of half a surrogate pair without its other half? njs reads one as U+FFFD,
+// llama-server refuses it. Every backslash of valid JSON starts an escape, so the escapes are read in order.
+function unpairedSurrogate(text) {
+    const escape = /\\(?:u([0-9a-fA-F]{4})|[^u])/g;
+    let pairEnd = -1;
+    let found;
+    while ((found = escape.exec(text)) !== null) {
+        const unit = found[1] === undefined ? -1 : parseInt(found[1], 16);
+        const low = unit >= 0xdc00 && unit <= 0xdfff;
+        if (pairEnd >= 0) {
+            if (!low || found.index !== pairEnd) {
+                return true;
+            }
+            pairEnd = -1;
+        } else if (unit >= 0xd800 && unit <= 0xdbff) {
+            pairEnd = escape.lastIndex;
+        } else if (low) {
+            return true;
+        }
+    }
+    return pairEnd >= 0;
+}
+
+// llama-server answers some requests that are the client's fault with a 500: a body that is not JSON it can parse
+// (not UTF-8, an unpaired surrogate escape, truncated), and chat messages or tools of the wrong shape ("Failed to
+// parse messages: ..."). nginx.conf sends the backend's 500s here (error_page): a request that is such a fault gets
+// a 400 naming it, anything else the gateway's 500. Nothing generates again: a chat request is checked with
+// llama-server's /apply-template, which parses the messages and tools as the chat route does.
+function jsonFault(r) {
+    let text;
+    try {
+        text = new TextDecoder('utf-8', { fatal: true }).decode(r.requestBuffer || '');
+        JSON.parse(text);
+    } catch (e) {
+        return 'The request body is not valid JSON (UTF-8).';
+    }
+    if (unpairedSurrogate(text)) {
+        return 'The request body is not valid JSON: a \\u escape is an unpaired UTF-16 surrogate.';
+    }
+    return null;
+}
+
+async function backendFailed(r) {
+    const fault = jsonFault(r);
+    if (fault !== null) {
+        sendJson(r, 400, apiError(fault, 'invalid_request_error', 'invalid_json'));
+        return;
+    }
+    if (r.variables.llmpods_route === '/v1/chat/completions') {
+        const reply = await r.subrequest(`${BACKEND}/apply-template`, { method: 'POST', body: r.requestText });
+        let message = '';
+        try {
+            message = JSON.parse(reply.responseText).error.message || '';
+        } catch (e) {
+            message = '';
+        }
+        if (reply.status >= 400 && reply.status < 600 && message) {
+            sendJson(r, 400, apiError(message, 'invalid_request_error', 'invalid_value'));
+            return;
+        }
+    }
+    r.error('llmpods: the inference backend answered 500');
+    sendJson(r, 500, apiError('The gateway failed on this request.', 'server_error', 'server_error'));
+}
+
+export default { keyOk, alive, badRequest, extras, errorHeaders, errorBody, backendFailed };

@@ -33,6 +33,14 @@ MODEL_NAME = "smollm2"
 LEAKS = ("Traceback", 'File "', "site-packages", "llama_cpp/", "llmpods_server/", "<html")
 
 
+def backend_available(kind: str) -> tuple[bool, str]:
+    """Whether the backend ``kind`` can run here, and what it needs, for conftest.need()."""
+    return (
+        kind != "llama-server" or LLAMA_SERVER.exists(),
+        f"llama-server in the venv ({LLAMA_SERVER}; `make dev` takes it out of the CPU image)",
+    )
+
+
 def nginx_ok() -> bool:
     return shutil.which("nginx") is not None and JS_MODULE.exists()
 

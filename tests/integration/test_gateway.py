@@ -18,11 +18,11 @@ from helpers import gateway_stub as stub
 from helpers.gateway import (
     BACKENDS,
     CONFIG_PLAYBOOK,
-    LLAMA_SERVER,
     MODEL_NAME,
     Backend,
     Gateway,
     Recorder,
+    backend_available,
     bearer,
     error_of,
     nginx_ok,
@@ -48,17 +48,9 @@ def nginx() -> None:
     need(nginx_ok(), "nginx with the njs module (Debian: nginx-light libnginx-mod-http-js)")
 
 
-def need_backend(kind: str) -> None:
-    if kind == "llama-server":
-        need(
-            LLAMA_SERVER.exists(),
-            f"llama-server in the venv ({LLAMA_SERVER}; `make dev` takes it out of the CPU image)",
-        )
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    need_backend(request.param)
+    need(*backend_available(request.param))
     log = tmp_path_factory.mktemp("backend") / "backend.log"
     proc = Backend(demo_model, free_port(), log, kind=request.param).start()
     try:
@@ -741,7 +733,7 @@ def test_readiness_does_not_wait_on_a_running_generation(gateway: Gateway, backe
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_readiness_follows_the_backend(nginx: None, demo_model: Path, tmp_path: Path, kind: str) -> None:
-    need_backend(kind)
+    need(*backend_available(kind))
     port = free_port()
     gw = Gateway(tmp_path / "gw", upstream_port=port, listen_port=free_port(), gateway_backend=kind)
     write_keys(gw.keys_file, [KEY_A])

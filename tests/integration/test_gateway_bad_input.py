@@ -1,7 +1,8 @@
 """Bad input never costs anyone else (issue 12), as a client sees it: real nginx running the config that
-roles/gateway renders, in front of the project's inference server (llmpods_server, llama-cpp-python, the demo
-model; started through helpers.gateway_fault_server, which can make one streamed request fail mid-way), and, where
-the test needs a backend that misbehaves on purpose, stand-in upstreams.
+roles/gateway renders, in front of each real backend serving the demo model (llama-cpp-python's llmpods_server,
+started through helpers.gateway_fault_server, which can make one streamed request fail mid-way; and llama-server),
+and, where the test needs a backend that misbehaves on purpose, stand-in upstreams. Every test that takes
+``backend`` or ``gateway`` runs against both backends, but for the two that need the fault server.
 
 Each refusal must be an OpenAI-style JSON error with a 4xx status, never a 5xx, an HTML page or a traceback
 (helpers.gateway.error_of checks that); one client's bad request never changes another client's answer; no
@@ -24,11 +25,13 @@ from pathlib import Path
 import pytest
 from conftest import free_port, need, need_module, run_playbook
 from helpers.gateway import (
+    BACKENDS,
     MODEL_NAME,
     Backend,
     Gateway,
     MisbehavingUpstream,
     Recorder,
+    backend_available,
     bearer,
     error_of,
     nginx_ok,
@@ -52,10 +55,11 @@ def nginx() -> None:
     need(nginx_ok(), "nginx with the njs module (Debian: nginx-light libnginx-mod-http-js)")
 
 
-@pytest.fixture(scope="module")
-def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    need(*backend_available(request.param))
     log = tmp_path_factory.mktemp("backend") / "backend.log"
-    proc = Backend(demo_model, free_port(), log, module="helpers.gateway_fault_server").start()
+    proc = Backend(demo_model, free_port(), log, module="helpers.gateway_fault_server", kind=request.param).start()
     try:
         proc.wait_ready()
         yield proc
@@ -72,7 +76,7 @@ def start_gateway(root: Path, upstream_port: int, **extra) -> Gateway:
 
 @pytest.fixture(scope="module")
 def gateway(nginx: None, backend: Backend, tmp_path_factory: pytest.TempPathFactory):
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"), backend.port)
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), backend.port, gateway_backend=backend.kind)
     try:
         wait_for(lambda: gw.alive()[0] == 200, 30, what="gateway /alive 200")
         yield gw
@@ -100,6 +104,10 @@ def events(port: int, path: str, body: dict, key: str = KEY) -> tuple[int, dict[
             payload = line[len("data: ") :]
             found.append(payload if payload == "[DONE]" else json.loads(payload))
     return status, headers, found
+
+
+# For a test that makes a stream fail on purpose: only the fault server (on llama-cpp-python) can.
+FAULT_SERVER = pytest.mark.parametrize("backend", ["llama-cpp-python"], indirect=True)
 
 
 def answers_correctly(port: int) -> None:
@@ -235,12 +243,35 @@ BODIES = {
 }
 
 
-@pytest.mark.parametrize(("path", "content_type", "data", "status", "code"), BODIES.values(), ids=BODIES.keys())
-def test_a_body_the_server_cannot_use_gets_a_json_4xx(
-    gateway: Gateway, path: str, content_type: str, data: bytes | str, status: int, code: str | None
-) -> None:
+# Where llama-server answers otherwise: its own status and code, or a 200 for what it takes. It reads a list of
+# prompts as one choice each, answers an empty prompt, clamps top_p and ignores a logit_bias key that is no token.
+LLAMA_SERVER_ANSWERS = {
+    "not UTF-8": (400, "invalid_json"),
+    "nested too deeply": (400, "invalid_value"),
+    "messages a string": (400, "invalid_value"),
+    "max_tokens lots": (400, "invalid_value"),
+    "top_p out of range": (200, None),
+    "no input": (400, "invalid_value"),
+    "a list": (400, "invalid_value"),
+    "null": (400, "invalid_value"),
+    "empty body": (400, "invalid_json"),
+    "content parts": (400, "invalid_value"),
+    "logit_bias key not a token id": (200, None),
+    "two prompts": (200, None),
+    "empty prompt": (200, None),
+}
+
+
+@pytest.mark.parametrize("name", BODIES)
+def test_a_body_the_server_cannot_use_gets_a_json_4xx(gateway: Gateway, backend: Backend, name: str) -> None:
+    path, content_type, data, status, code = BODIES[name]
+    if backend.kind == "llama-server":
+        status, code = LLAMA_SERVER_ANSWERS.get(name, (status, code))
     got, _unused, body = post(gateway.port, path, data if isinstance(data, bytes) else data.encode(), content_type)
     assert got == status, body[:500]
+    if status == 200:
+        assert json.loads(body)["choices"], body[:500]
+        return
     error = error_of(body)
     if code is not None:
         assert error["code"] == code, error
@@ -274,14 +305,16 @@ def test_http_1_0_without_host_reaches_the_backend(gateway: Gateway) -> None:
 # --- 2. one client's bad request never changes another client's answer
 
 
-def test_bad_requests_never_cost_a_concurrent_client(gateway: Gateway) -> None:
+def test_bad_requests_never_cost_a_concurrent_client(gateway: Gateway, backend: Backend) -> None:
     bad = [
         (CHAT, b"{bad"),
-        (CHAT, json.dumps({"messages": HI, "max_tokens": 2, "logit_bias": {"abc": 1}}).encode()),
+        (CHAT, json.dumps({"messages": HI, "max_tokens": "lots"}).encode()),
         (CHAT, json.dumps({"messages": HI, "max_tokens": 2, "grammar": "root ::= ("}).encode()),
         (f"/{MODEL_NAME}/extras/detokenize", b'{"tokens": [99999999]}'),
         (f"/{MODEL_NAME}/extras/tokenize", b'{"input": "\\udc80"}'),
     ]
+    if backend.kind == "llama-cpp-python":  # llama-server ignores a key that is no token id
+        bad.append((CHAT, json.dumps({"messages": HI, "max_tokens": 2, "logit_bias": {"abc": 1}}).encode()))
     stop = threading.Event()
     refused: list[int] = []
 
@@ -369,6 +402,7 @@ def test_a_stream_that_fails_before_its_first_token_answers_like_without_streami
         assert error_of(streamed[2])["code"] == code
 
 
+@FAULT_SERVER
 @pytest.mark.parametrize(
     ("marker", "error_type"), [(SERVER_FAULT, "server_error"), (REQUEST_FAULT, "invalid_request_error")]
 )
@@ -389,6 +423,7 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event(
     answers_correctly(gateway.port)
 
 
+@FAULT_SERVER
 def test_the_openai_sdk_raises_both_stream_failures(gateway: Gateway) -> None:
     openai = need_module("openai", "the OpenAI SDK (openai)")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/{MODEL_NAME}/v1", api_key=KEY, max_retries=0)
@@ -425,9 +460,21 @@ def test_a_stream_the_client_abandons_frees_the_model(gateway: Gateway) -> None:
         while b"data: " not in received and (chunk := sock.recv(65536)):
             received += chunk
         assert b"data: " in received, "the stream started"
+        assert generating(gateway) == 1
     started = time.monotonic()
-    answers_correctly(gateway.port)  # waits on the model lock: the abandoned generation must stop
+    answers_correctly(gateway.port)  # llama-cpp-python: waits on the model lock
+    wait_for(lambda: generating(gateway) == 0, 20, what="the abandoned generation stopped")
     assert time.monotonic() - started < 20
+
+
+def generating(gateway: Gateway) -> float:
+    """Requests the backend is generating for, from its metrics (llamacpp:requests_processing)."""
+    status, _unused, body = request(gateway.metrics_port, "GET", "/metrics")
+    assert status == 200, body[:300]
+    for line in body.decode().splitlines():
+        if line.startswith("llamacpp:requests_processing "):
+            return float(line.split()[1])
+    raise AssertionError("no llamacpp:requests_processing in the metrics")
 
 
 # --- 4. endpoints without a key take no body and forward none, and only their methods

@@ -1,5 +1,5 @@
-"""A fuzz run against the real gateway (nginx, the config roles/gateway renders) and the project's inference server
-(llmpods_server, llama-cpp-python, the demo model): structured, seeded, bounded, on loopback only.
+"""A fuzz run against the real gateway (nginx, the config roles/gateway renders) and each real backend serving the
+demo model (llama-cpp-python's llmpods_server, and llama-server): structured, seeded, bounded, on loopback only.
 
 Each case is one request, with a valid API key, built by a seeded generator from parts that are valid, nearly
 valid or plainly wrong: the request line (method, path, HTTP version), the headers (authorization, framing,
@@ -28,10 +28,12 @@ from pathlib import Path
 import pytest
 from conftest import free_port, need, run_playbook
 from helpers.gateway import (
+    BACKENDS,
     LEAKS,
     MODEL_NAME,
     Backend,
     Gateway,
+    backend_available,
     error_of,
     nginx_ok,
     raw_request,
@@ -219,12 +221,13 @@ def cases(seed: int, count: int) -> list[tuple[str, bytes]]:
     return made
 
 
-@pytest.fixture(scope="module")
-def pod(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def pod(demo_model: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     need(nginx_ok(), "nginx with the njs module (Debian: nginx-light libnginx-mod-http-js)")
+    need(*backend_available(request.param))
     root = tmp_path_factory.mktemp("fuzz")
-    backend = Backend(demo_model, free_port(), root / "backend.log").start()
-    gw = Gateway(root / "gateway", upstream_port=backend.port, listen_port=free_port())
+    backend = Backend(demo_model, free_port(), root / "backend.log", kind=request.param).start()
+    gw = Gateway(root / "gateway", upstream_port=backend.port, listen_port=free_port(), gateway_backend=request.param)
     write_keys(gw.keys_file, [KEY])
     try:
         backend.wait_ready()
