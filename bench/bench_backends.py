@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers.env import DEMO_MODEL, free_port, run_playbook  # noqa: E402
 from helpers.gateway import LLAMA_SERVER, MODEL_NAME, Backend, Gateway, write_keys  # noqa: E402
+from helpers.sse import stream_events  # noqa: E402
 
 KEY = "sk-llmpods-bench-0123456789abcdef"
 BACKENDS = ("llama-cpp-python", "llama-server")
@@ -68,14 +69,11 @@ def one_stream(port: int, path: str, key: str | None, tokens: int, seed: int) ->
     first = None
     finish = None
     done = False
-    while line := resp.readline():
-        if not line.startswith(b"data: "):
-            continue
-        payload = line[6:].strip()
-        if payload == b"[DONE]":
+    for event in stream_events(iter(resp.readline, b"")):
+        if event == "[DONE]":
             done = True
             break
-        choices = json.loads(payload).get("choices") or []
+        choices = event.get("choices") or []
         if not choices:
             continue
         if first is None and choices[0].get("text"):

@@ -25,13 +25,7 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.llmpods.inference.plugins.module_utils._names import DNS_LABEL
-
-LABEL_POD = "io.llmpods.pod"
-LABEL_ROLE = "io.llmpods.pod-role"
-LABEL_CONTAINER = "io.llmpods.container"
-LABEL_NAMESPACE = "io.llmpods.namespace"
-LABEL_POD_HASH = "io.llmpods.pod-hash"
+from ansible_collections.llmpods.inference.plugins.module_utils import _names
 
 ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
@@ -147,11 +141,11 @@ class PodPlanner:
         self.labels = {str(k): str(v) for k, v in (self.meta.get("labels") or {}).items()}
         self.spec = template["spec"]
         self.pod = pod_name or self.deployment["metadata"]["name"]
-        if not DNS_LABEL.match(self.pod):
+        if not _names.DNS_LABEL.match(self.pod):
             raise PodPlanError(f"pod_plan: pod name {self.pod!r} is not a DNS label (lowercase letters, digits, '-')")
         self.namespace = namespace or self.deployment["metadata"].get("namespace") or "default"
         self.state_dir = state_dir.rstrip("/")
-        self.infra = f"{self.pod}-infra"
+        self.infra = _names.pod_docker_names(self.pod)["infra"]
         self.pod_sc = self.spec.get("securityContext") or {}
         self.configmaps: dict[str, str] = {}  # name -> hash of the data: a change means a new pod
 
@@ -325,7 +319,7 @@ class PodPlanner:
             params["mounts"] = mounts
         if role == "app":
             params["restart_policy"] = "unless-stopped"
-        params["labels"] = {**self.labels, LABEL_ROLE: role, LABEL_CONTAINER: container["name"]}
+        params["labels"] = {**self.labels, _names.LABEL_ROLE: role, _names.LABEL_CONTAINER: container["name"]}
         return {"name": container["name"], "role": role, "params": params}
 
     def resources(self, container: Mapping[str, Any]) -> dict[str, Any]:
@@ -386,7 +380,7 @@ class PodPlanner:
             "user": "65534:65534",
             "restart_policy": "unless-stopped",
             "published_ports": self.published(host_port, bind_address),
-            "labels": {**self.labels, LABEL_ROLE: "infra"},
+            "labels": {**self.labels, _names.LABEL_ROLE: "infra"},
         }
         # A new pod whenever the template, a configMap it reads, or the infra changes; not a Secret, whose
         # mounted files are updated in place, as the kubelet does.
@@ -399,7 +393,7 @@ class PodPlanner:
                 "state_dir": self.state_dir,
             }
         )
-        common = {LABEL_POD: self.pod, LABEL_NAMESPACE: self.namespace, LABEL_POD_HASH: pod_hash}
+        common = {_names.LABEL_POD: self.pod, _names.LABEL_NAMESPACE: self.namespace, _names.LABEL_POD_HASH: pod_hash}
         containers = [{"name": "infra", "role": "infra", "params": infra}, *init, *apps]
         for entry in containers:
             entry["params"]["labels"].update(common)
@@ -432,4 +426,4 @@ def pod_plan(
 
 class FilterModule:
     def filters(self):
-        return {"pod_plan": pod_plan, "k8s_quantity": k8s_quantity}
+        return {"pod_plan": pod_plan, "pod_docker_names": _names.pod_docker_names, "k8s_quantity": k8s_quantity}

@@ -37,3 +37,17 @@ def is_dns_label(value, rule=None):
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     return isinstance(value, str) and len(value) <= RULES[rule] and DNS_1035_LABEL.fullmatch(value) is not None
+
+
+# The local pod on a Docker engine (the pod_plan filter, the local_pod role): the labels on each of its containers.
+LABEL_POD = "io.llmpods.pod"
+LABEL_ROLE = "io.llmpods.pod-role"
+LABEL_CONTAINER = "io.llmpods.container"
+LABEL_NAMESPACE = "io.llmpods.namespace"
+LABEL_POD_HASH = "io.llmpods.pod-hash"
+
+
+def pod_docker_names(pod_name):
+    """The names a local pod has on the Docker engine, to find it again without a plan: its infra container (which
+    owns the pod's network) and the labels that carry the pod's name and the hash of its template."""
+    return {"infra": f"{pod_name}-infra", "pod_label": LABEL_POD, "hash_label": LABEL_POD_HASH}

@@ -9,7 +9,6 @@ route. The tests run in file order and share one release in their own namespace.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import requests
 import test_kubernetes_target as kubernetes_target
 import yaml
 from conftest import ROOT, STATE, need, run_playbook
+from helpers.sse import stream_events
 
 NAMESPACE = "llmpods-edge-route-test"
 MODEL = "smollm2"
@@ -185,14 +185,11 @@ def test_300_token_stream_arrives_whole(cluster: dict[str, str], routed: dict[st
     ) as response:
         assert response.status_code == 200, response.text
         assert response.headers["Content-Type"].startswith("text/event-stream"), response.headers
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
+        for event in stream_events(response.iter_lines(decode_unicode=True)):
+            if event == "[DONE]":
                 done = True
                 break
-            choice = json.loads(data)["choices"][0]
+            choice = event["choices"][0]
             if choice.get("delta", {}).get("content"):
                 chunks += 1
             finish = choice.get("finish_reason") or finish

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import DEMO_MODEL_FILE, ROOT, STATE, VENV_BIN, ansible_env, need, run_playbook
+from helpers.sse import stream_events
 
 NAMESPACE = "llmpods-cluster-test"
 MODEL = "smollm2"
@@ -211,14 +212,10 @@ def test_300_token_stream_arrives_whole(cluster: dict[str, str], deployed: dict[
         url(cluster, "/v1/chat/completions"), headers=headers(api_key()), json=body, stream=True, timeout=600
     ) as response:
         assert response.status_code == 200, response.text
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
+        for event in stream_events(response.iter_lines(decode_unicode=True)):
+            if event == "[DONE]":
                 done = True
                 break
-            event = json.loads(data)
             choice = event["choices"][0]
             if choice.get("delta", {}).get("content"):
                 chunks += 1

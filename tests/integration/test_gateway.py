@@ -30,6 +30,7 @@ from helpers.gateway import (
     wait_for,
     write_keys,
 )
+from helpers.sse import stream_events
 
 pytestmark = pytest.mark.slow
 
@@ -536,15 +537,11 @@ def stream(port: int, path: str, body: dict, key: str = KEY_A, on_first=None) ->
     assert resp.getheader("Content-Type", "").startswith("text/event-stream")
     chunks: list[dict] = []
     done = False
-    while line := resp.readline():
-        line = line.strip()
-        if not line.startswith(b"data: "):
-            continue
-        payload = line[len(b"data: ") :]
-        if payload == b"[DONE]":
+    for event in stream_events(iter(resp.readline, b"")):
+        if event == "[DONE]":
             done = True
             break
-        chunks.append(json.loads(payload))
+        chunks.append(event)
         if on_first and len(chunks) == 1:
             on_first()
     conn.close()

@@ -41,6 +41,7 @@ from helpers.gateway import (
     write_keys,
 )
 from helpers.gateway_fault_server import REQUEST_FAULT, SERVER_FAULT
+from helpers.sse import data_events
 
 pytestmark = pytest.mark.slow
 
@@ -98,12 +99,7 @@ def events(port: int, path: str, body: dict, key: str = KEY) -> tuple[int, dict[
     status, headers, data = post(port, path, body, key=key)
     if status != 200:
         return status, headers, [data]
-    found = []
-    for line in data.decode().splitlines():
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            found.append(payload if payload == "[DONE]" else json.loads(payload))
-    return status, headers, found
+    return status, headers, data_events(data.decode().splitlines())
 
 
 # For a test that makes a stream fail on purpose: only the fault server (on llama-cpp-python) can.

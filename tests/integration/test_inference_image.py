@@ -17,6 +17,7 @@ import requests
 import yaml
 from conftest import CPU_IMAGE, DEMO_MODEL_FILE, LLAMA_CPP_PYTHON_VERSION, free_port, need, run_playbook
 from helpers.gateway import llama_server_env
+from helpers.sse import stream_events
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -242,14 +243,11 @@ def stream_chat(url: str, messages: list[dict], max_tokens: int, on_chunk=None) 
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
         assert response.status_code == 200, response.text
         done = False
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: "):
-                continue
-            data = line[len("data: ") :]
-            if data == "[DONE]":
+        for event in stream_events(response.iter_lines(decode_unicode=True)):
+            if event == "[DONE]":
                 done = True
                 break
-            choice = json.loads(data)["choices"][0]
+            choice = event["choices"][0]
             piece = choice["delta"].get("content")
             if piece:
                 content += piece

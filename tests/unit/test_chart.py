@@ -68,7 +68,8 @@ SOURCE = {
 }
 KEYS = {
     "created": {},
-    "existing": {"apiKeys": {"existingSecret": "smollm2-api-keys", "keys": []}},
+    # The keys of the base values stay: with an existing Secret the chart must leave them out.
+    "existing": {"apiKeys": {"existingSecret": "smollm2-api-keys"}},
 }
 SCALE = {
     "to-zero": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
@@ -264,6 +265,8 @@ def test_render_matrix(gpu: str, api: str, source: str, keys: str, scale: str) -
     assert_no_key_leak(docs, [KEY, ROTATED_KEY])
     if keys == "existing":
         assert not any(KEY in s for doc in docs for s in strings(doc))
+        [volume] = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+        assert volume["secret"]["secretName"] == "smollm2-api-keys"
 
 
 def test_the_checks_refuse_unknown_fields() -> None:
@@ -1204,3 +1207,39 @@ def test_notes(tmp_path: Path, api: str) -> None:
         assert "http://llm.example.test/smollm2/v1/chat/completions (https:// where the edge terminates TLS)" in notes
         assert "https://llm.example.test" not in notes
         assert "scales to zero" in notes
+
+
+@pytest.mark.parametrize("backend", ["llama-cpp-python", "llama-server"])
+def test_the_pod_has_the_gateway_roles_fixed_facts(backend: str) -> None:
+    """The ports and paths the gateway role renders nginx.conf with (roles/gateway/vars, defaults) are the ones the
+    chart's pod and the gateway image have: the role's copy is the home, these are held to it."""
+    facts = yaml.safe_load((ROOT / "roles/gateway/vars/main.yml").read_text())
+    config_dir = yaml.safe_load((ROOT / "roles/gateway/defaults/main.yml").read_text())["gateway_config_dir"]
+    spec = one(template(deep_merge(BASE, {"inference": {"backend": backend}})), "Deployment")["spec"]["template"]
+    containers = {c["name"]: c for c in spec["spec"]["containers"]}
+    gateway, inference = containers["gateway"], containers["inference"]
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {
+        "http": facts["gateway_listen_port"],
+        "metrics": facts["gateway_metrics_port"],
+    }
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    keys_dir, keys_item = facts["gateway_keys_file"].rsplit("/", 1)
+    assert (mounts["gateway-config"], mounts["api-keys"], mounts["gateway-tmp"]) == (
+        config_dir,
+        keys_dir,
+        facts["gateway_run_dir"],
+    )
+    secret = next(v["secret"] for v in spec["spec"]["volumes"] if v["name"] == "api-keys")
+    assert [item["path"] for item in secret["items"]] == [keys_item]
+    assert gateway["args"][:2] == ["-c", f"{config_dir}/nginx.conf"]
+    prefix = "LLAMA_ARG_" if backend == "llama-server" else ""
+    env = {e["name"]: e.get("value") for e in inference["env"]}
+    assert (env[f"{prefix}HOST"], env[f"{prefix}PORT"]) == (
+        facts["gateway_upstream_host"],
+        str(facts["gateway_upstream_port"]),
+    )
+
+    dockerfile = (ROOT / "files/nginx/gateway.Dockerfile").read_text()
+    assert f"EXPOSE {facts['gateway_listen_port']}\n" in dockerfile
+    assert f'"{config_dir}/nginx.conf"' in dockerfile
+    assert f"mkdir -p {config_dir} {keys_dir}" in dockerfile

