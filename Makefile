@@ -117,9 +117,12 @@ cluster-down: ## Remove that cluster and everything it started (the build cache 
 
 # The test files and the molecule scenario run side by side, each on a release of its own in a namespace of its
 # own: most of their time is spent waiting on the cluster (cold starts, cooldowns, rollouts). Molecule's output
-# follows pytest's.
+# follows pytest's. The images are pushed to the cluster's registry once first: the registry refuses some blobs
+# that several deploys upload at the same time ("digest invalid").
 test-cluster: dev collection helm model ## The Kubernetes target on the cluster of `make cluster`
 	mkdir -p $(BUILD)
+	set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
+	  $(PLAYBOOK) playbooks/build_images.yml -e llmpods_registry=$$LLMPODS_CLUSTER_REGISTRY -e llmpods_push=true
 	{ set -a && . $(CLUSTER_DATA)/cluster.env && set +a && \
 	  LLMPODS_REGISTRY=$$LLMPODS_CLUSTER_REGISTRY LLMPODS_TEST_MODEL_HOST_PATH=$(STATE)/models \
 	  $(BIN)/molecule test -s kubernetes; } >$(BUILD)/molecule-kubernetes.log 2>&1 & molecule=$$!; \

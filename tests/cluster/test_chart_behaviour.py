@@ -40,13 +40,8 @@ kget, kubectl = kubernetes_target.kget, kubernetes_target.kubectl
 
 
 def deploy_vars(cluster: dict[str, str]) -> dict[str, Any]:
-    # Warm: the pod under test stays while it is stopped and restarted. Its long answers must not starve beside the
-    # other modules' pods (a tenth of a CPU each), so it asks for half of one.
-    model = {
-        "replicas": {"min": 1, "max": 1},
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-    }
-    return kubernetes_target.release_vars(cluster, NAMESPACE, HOST, STATE_DIR, model)
+    # Warm: the pod under test stays while it is stopped and restarted.
+    return kubernetes_target.release_vars(cluster, NAMESPACE, HOST, STATE_DIR, {"replicas": {"min": 1, "max": 1}})
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -213,6 +214,36 @@ def running(built_image: str, demo_model: Path, request: pytest.FixtureRequest) 
         else:
             pytest.fail(f"{ALIAS} not listed after 120 s; last answer {last}")
         yield url, name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_a_stop_while_the_model_loads_is_not_lost(built_image: str, demo_model: Path) -> None:
+    """The server is the container's PID 1, which gets only the signals it handles. A SIGTERM sent before it serves
+    (a pod deleted while it loads: a scale to zero, a rollout) must stop it then, not be lost until the kubelet's
+    SIGKILL at the end of the grace period. (llama-server, which installs its handler only once it serves, still
+    loses it: see the changelog.)"""
+    name = f"llmpods-test-stop-{uuid.uuid4().hex[:8]}"
+    docker(
+        "run", "-d", "--name", name, "-v", f"{demo_model.parent}:/models:ro",
+        *BACKEND_RUN["llama-cpp-python"], built_image,
+    )  # fmt: skip
+    try:
+        pid = int(docker("inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
+        deadline = time.monotonic() + 30
+        caught = 0
+        while time.monotonic() < deadline and not caught & (1 << (signal.SIGTERM - 1)):
+            status = Path(f"/proc/{pid}/status").read_text()
+            caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+            time.sleep(0.01)
+        docker("kill", "--signal", "TERM", name)
+        stopped = time.monotonic()
+        while docker("inspect", "--format", "{{.State.Running}}", name).stdout.strip() == "true":
+            assert time.monotonic() - stopped < 60, "the server did not stop within 60 s of a SIGTERM"
+            time.sleep(0.2)
+        logs = docker("logs", name, check=False)
+        assert "Uvicorn running" not in logs.stdout + logs.stderr, "the stop came while it served: test nothing"
+        assert docker("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:
         docker("rm", "-f", name, check=False)
 
