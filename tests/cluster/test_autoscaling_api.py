@@ -93,9 +93,7 @@ def assert_hpa_on_the_add_ons_metric(cluster: dict[str, str], target: int) -> No
 
 
 def replicas(cluster: dict[str, str]) -> tuple[int, int]:
-    deployment = kget(cluster, "-n", NAMESPACE, f"deployment/{RELEASE}")
-    pods = kget(cluster, "-n", NAMESPACE, "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")
-    return deployment["spec"].get("replicas", 1), len(pods["items"])
+    return kubernetes_target.replicas(cluster, NAMESPACE)
 
 
 def run_role(cluster: dict[str, str], tmp_path: Path, values: dict[str, Any]) -> Any:

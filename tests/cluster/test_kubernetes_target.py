@@ -142,11 +142,16 @@ def headers(key: str | None = None) -> dict[str, str]:
     return out
 
 
-def replicas(cluster: dict[str, str]) -> tuple[int, int]:
-    """(spec.replicas of the Deployment, pods of the release that exist)."""
-    deployment = kget(cluster, "-n", NAMESPACE, f"deployment/{RELEASE}")
-    pods = kget(cluster, "-n", NAMESPACE, "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")
-    return deployment["spec"].get("replicas", 1), len(pods["items"])
+def replicas(cluster: dict[str, str], namespace: str = NAMESPACE) -> tuple[int, int]:
+    """(spec.replicas of the Deployment, pods of the release that are not being deleted).
+
+    A pod being deleted is no replica: it serves nothing (it left the Service's endpoints). This cluster's kubelet
+    keeps one that was deleted as it started (the Deployment's first pod, which KEDA scales to zero right after the
+    install) until its grace period ends, without a SIGTERM; waiting on it would wait on that, not on KEDA."""
+    deployment = kget(cluster, "-n", namespace, f"deployment/{RELEASE}")
+    pods = kget(cluster, "-n", namespace, "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+    live = [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
+    return deployment["spec"].get("replicas", 1), len(live)
 
 
 def wait_for_zero(cluster: dict[str, str]) -> float:
