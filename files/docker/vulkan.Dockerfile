@@ -27,15 +27,11 @@ ENV CMAKE_ARGS="${CMAKE_ARGS}" \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Both backends from one llama-cpp-python sdist, llama.cpp compiled once: the wheel (installed with its server
+# extra) and llama.cpp's own llama-server, with the same CMake flags (the same step for every target; see the script).
+COPY build-llama-cpp.sh /usr/local/bin/
 RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
- && /opt/llmpods/bin/pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
- && /opt/llmpods/bin/pip install /wheels/llama_cpp_python-*.whl "llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"
-
-# llama.cpp's own server, for the llama-server backend: built from the llama.cpp source inside the same
-# llama-cpp-python sdist, with the same CMake flags (the same step for every target; see the script).
-COPY build-llama-server.sh /usr/local/bin/
-RUN if [ -s /opt/build-ca/ca-bundle.crt ]; then export PIP_CERT=/opt/build-ca/ca-bundle.crt; fi \
- && build-llama-server.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods/bin
+ && build-llama-cpp.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods /wheels
 
 # /metrics of the llama-cpp-python backend.
 ARG PROMETHEUS_CLIENT_VERSION

@@ -162,6 +162,25 @@ def test_build_ca_bundle_is_not_in_the_runtime_image(built_image: str) -> None:
     assert toolchain.stdout.strip() == "", "no compilers in the runtime image"
 
 
+def test_both_backends_load_the_same_llama_cpp(built_image: str) -> None:
+    """llama-server (on PATH, as the chart starts it) loads llama.cpp and ggml from the llama-cpp-python package's
+    own library directory: one build of llama.cpp serves both backends, and nothing it needs is missing."""
+    script = (
+        "import pathlib, llama_cpp; print(pathlib.Path(llama_cpp.__file__).parent / 'lib'); "
+        "import shutil; print(shutil.which('llama-server'))"
+    )
+    lib_dir, server = docker("run", "--rm", "--entrypoint", "python3", built_image, "-c", script).stdout.split()
+    ldd = docker("run", "--rm", "--entrypoint", "ldd", built_image, server).stdout
+    lines = [line.split() for line in ldd.splitlines()]
+    resolved = {parts[0]: parts[2] for parts in lines if len(parts) > 2 and parts[1] == "=>"}
+    assert "not found" not in ldd, ldd
+    llama_libs = {name: path for name, path in resolved.items() if name.startswith(("libllama.", "libggml"))}
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0"} <= set(llama_libs), ldd
+    assert {str(Path(path).parent) for path in llama_libs.values()} == {lib_dir}, ldd
+    version = docker("run", "--rm", "--entrypoint", "llama-server", built_image, "--version", check=False)
+    assert version.returncode == 0 and "version:" in version.stdout + version.stderr, version
+
+
 # ---- the running server
 
 

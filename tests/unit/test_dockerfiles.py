@@ -166,12 +166,27 @@ def test_cmake_flags_are_current_ggml_ones(target: str, dockerfile: Dockerfile) 
         assert f"${{{arch_arg}}}" in cmake_args
 
 
-def test_wheel_is_built_at_the_pinned_version(dockerfile: Dockerfile) -> None:
+def test_both_backends_are_built_at_the_pinned_version(dockerfile: Dockerfile) -> None:
+    """The wheel and llama-server come from the pinned llama-cpp-python sdist, through the one shared script, with
+    the stage's CMAKE_ARGS (in the environment), into the venv the runtime stage copies; the wheel stays in
+    /wheels, where `make wheels` takes it for the host."""
     build = dockerfile.stages[0]
     assert "LLAMA_CPP_PYTHON_VERSION" in build.args()
-    runs = " ".join(build.all("RUN"))
-    assert 'pip wheel --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"' in runs
-    assert '"llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}"' in runs
+    assert "build-llama-cpp.sh /usr/local/bin/" in build.all("COPY")
+    runs = [r for r in build.all("RUN") if "build-llama-cpp.sh" in r]
+    assert len(runs) == 1 and runs[0].endswith('build-llama-cpp.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods /wheels')
+    assert not [r for r in build.all("RUN") if "pip wheel" in r], "llama.cpp is compiled in one step, once"
+
+
+def test_the_build_script_compiles_llama_cpp_once() -> None:
+    """One CMake tree: the wheel's build directory is kept and configured again for llama-server alone, with the
+    image's CMAKE_ARGS left as the wheel's build cached them."""
+    script = (DOCKER_DIR / "build-llama-cpp.sh").read_text()
+    assert '--no-binary=llama-cpp-python --dest "${work}/sdist" "llama-cpp-python==${version}"' in script
+    assert '--config-settings=build-dir="${work}/build" "${work}/src"' in script
+    assert '"llama-cpp-python[server]==${version}"' in script
+    assert 'cmake --build "${work}/build" --target llama-server' in script
+    assert "-DLLAMA_USE_PREBUILT_UI=OFF" in script, "nothing fetched from outside the package index at build time"
 
 
 def test_ca_bundle_stays_in_the_build_stage(dockerfile: Dockerfile) -> None:
@@ -236,19 +251,6 @@ def test_hadolint_clean() -> None:
     files = sorted(str(p) for p in DOCKER_DIR.glob("*.Dockerfile"))
     proc = subprocess.run([str(hadolint), *files], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_llama_server_is_built_from_the_same_pin_and_flags(dockerfile: Dockerfile) -> None:
-    """The second backend comes from the llama.cpp source inside the pinned llama-cpp-python sdist, through the one
-    shared script, with the stage's CMAKE_ARGS (in the environment), into the venv the runtime stage copies."""
-    build = dockerfile.stages[0]
-    assert "build-llama-server.sh /usr/local/bin/" in build.all("COPY")
-    runs = [r for r in build.all("RUN") if "build-llama-server.sh" in r]
-    assert len(runs) == 1 and runs[0].endswith('build-llama-server.sh "${LLAMA_CPP_PYTHON_VERSION}" /opt/llmpods/bin')
-    script = (DOCKER_DIR / "build-llama-server.sh").read_text()
-    assert '--no-binary=llama-cpp-python --dest "${work}/sdist" "llama-cpp-python==${version}"' in script
-    assert "${CMAKE_ARGS:-}" in script and "vendor/llama.cpp" in script
-    assert "-DLLAMA_USE_PREBUILT_UI=OFF" in script, "nothing fetched from outside the package index at build time"
 
 
 def test_prometheus_client_is_the_tests_pin(dockerfile: Dockerfile) -> None:

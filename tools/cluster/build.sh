@@ -79,7 +79,7 @@ prepare_coredns() {
 
 total=$SECONDS
 go_component kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION" "$KUBERNETES_STAGING_VERSION" "$(k8s_ldflags)" \
-  ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler ./cmd/kubelet ./cmd/kube-proxy ./cmd/kubectl
+  ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler ./cmd/kubelet ./cmd/kube-proxy
 go_component etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$ETCD_VERSION" "" .
 [[ -x "$BIN/etcd/server" ]] && mv -f "$BIN/etcd/server" "$BIN/etcd/etcd"
 go_component coredns github.com/coredns/coredns "$COREDNS_VERSION" "" "" .

