@@ -42,8 +42,9 @@ $(BIN)/.requirements: requirements.txt
 # llama-cpp-python, which the server's tests run in this venv: with a Docker engine, the wheel that the CPU
 # image's build stage compiled (the version pinned in requirements-dev.txt), read out of the layer cache, so that it
 # is compiled once; without one, pip compiles it here (a C/C++ toolchain and CMake). The same build stage's
-# llama-server (the second backend) goes beside the wheel's libraries, which it links against, with a link in the
-# venv's bin; without Docker there is none, and the tests of that backend skip (fail under CI).
+# llama-server (the second backend) goes beside the wheel's libraries, which it links against (with the libraries of
+# its own the wheel lacks), and the venv's bin links to it; without Docker there is none, and the tests of that
+# backend skip (fail under CI).
 LLAMA_CPP_PYTHON_VERSION = $(shell sed -n 's/^llama-cpp-python\[server\]==//p' requirements-dev.txt)
 WHEELS := $(BUILD)/wheels
 WHEEL_IMAGE_VARS = {"llmpods_targets": ["cpu"], "inference_image_version": "$(LLAMA_CPP_PYTHON_VERSION)", \
@@ -64,9 +65,10 @@ wheels: venv collection ## Take the llama-cpp-python wheel and llama-server (wit
 	  $(BUILD)/inference_image/context
 	rm -rf $(WHEELS) && mkdir -p $(WHEELS)/llama-server
 	id=$$(docker create llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION)) && \
-	  { docker cp $$id:/wheels/. $(WHEELS)/; rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
+	  { docker cp $$id:/wheels/. $(WHEELS)/ && docker cp $$id:/opt/llmpods/bin/llama-server $(WHEELS)/llama-server/; \
+	    rc=$$?; docker rm $$id >/dev/null; exit $$rc; }
 	set -o pipefail; docker run --rm --entrypoint sh llmpods/inference-cpu-build:$(LLAMA_CPP_PYTHON_VERSION) \
-	  -c 'cd "$$(dirname "$$(readlink -f /opt/llmpods/bin/llama-server)")" && tar -c .' | tar -x -C $(WHEELS)/llama-server
+	  -c 'cd /opt/llmpods/lib/python3*/site-packages/llama_cpp/lib && tar -c .' | tar -x -C $(WHEELS)/llama-server
 
 venv: $(BIN)/.requirements ## Create the virtual environment with what deploying needs (requirements.txt)
 
